@@ -1,0 +1,49 @@
+# modelfuse: `make demo` and `make test` work on a fresh clone with nothing installed.
+# The first run creates .venv and installs the package with its extras; later runs reuse it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.modelfuse-installed
+SRC := src tests benchmarks
+
+.PHONY: install test test-slow test-all demo lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependencies change.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e '.[vision,hf,dev]'
+	touch $@
+
+install: $(STAMP)
+
+## the whole suite except tests marked slow, plus the linter
+test: $(STAMP)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/python -m pytest -m "not slow"
+
+## only the long tests (memory and throughput checks on big synthetic checkpoints)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+test-all: $(STAMP)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/python -m pytest
+
+## the main job: train (or load from cache) a pool of models and fuse them
+demo: $(STAMP)
+	$(BIN)/modelfuse demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(SRC)
+	$(BIN)/ruff format $(SRC)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

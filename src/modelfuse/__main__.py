@@ -1,0 +1,5 @@
+import sys
+
+from modelfuse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The ``modelfuse`` command.
+
+Each subcommand is a module of this package with ``add_parser(subparsers)`` and
+``run(args) -> int``. This module imports only the standard library so that
+``modelfuse --help`` starts fast; subcommands import torch and friends when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Sequence
+
+from modelfuse import __version__
+
+#: subcommand name -> module under modelfuse.cli
+COMMANDS = {
+    "inspect": "modelfuse.cli.inspect",
+    "demo": "modelfuse.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelfuse",
+        description="Fuse trained PyTorch models: ensembles, features, structure, parameters, "
+        "activations and losses.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelfuse {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"modelfuse: warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from modelfuse import progress
+    from modelfuse.errors import FusionError
+
+    progress.set_quiet(args.quiet or progress.is_quiet())
+    warnings.formatwarning = _one_line_warning
+    try:
+        return int(args.run(args) or 0)
+    except FusionError as exc:
+        if args.debug:
+            raise
+        print(f"modelfuse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelfuse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"modelfuse {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(this is a bug; rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
