@@ -32,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"modelfuse: warning: {message}\n"
 
 

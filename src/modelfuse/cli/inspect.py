@@ -49,7 +49,7 @@ def summarize(ckpt: Any, depth: int | None = None) -> dict[str, Any]:
 
     groups: dict[str, dict[str, Any]] = {}
     dtypes: Counter[str] = Counter()
-    for name in ckpt.keys():
+    for name in ckpt:
         shape = list(ckpt.shape(name))
         dtype = str(ckpt.dtype(name)).removeprefix("torch.")
         numel = math.prod(shape)
