@@ -14,7 +14,7 @@ from typing import Any
 DEMO_ARCH = "cnn"
 DEMO_DATA = "digits"
 DEMO_MEMBERS = 5
-DEMO_EPOCHS = 15
+DEMO_EPOCHS = 20
 
 
 def add_parser(sub: Any) -> None:
@@ -32,53 +32,52 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import time
-
+def pool_rows(members: int, epochs: int, seed: int, cache: bool = True) -> list[tuple[str, float, float]]:
+    """(model, test accuracy, test NLL) for each member, the members' mean and their ensemble."""
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     from modelfuse.errors import ConfigError
     from modelfuse.zoo import build_pool, predict
 
-    if args.members < 1:
-        raise ConfigError(f"--members must be at least 1, got {args.members}")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
-    console = Console()
-    start = time.perf_counter()
-    seeds = list(range(args.seed, args.seed + args.members))
-    pool = build_pool(
-        DEMO_ARCH, DEMO_DATA, k=args.members, seeds=seeds, epochs=args.epochs, cache=not args.no_cache
-    )
+    if members < 1:
+        raise ConfigError(f"--members must be at least 1, got {members}")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+    seeds = list(range(seed, seed + members))
+    pool = build_pool(DEMO_ARCH, DEMO_DATA, k=members, seeds=seeds, epochs=epochs, cache=cache)
     test = pool.data.test
     labels = torch.stack([test[i][1] for i in range(len(test))])
-    logits = [predict(m, test) for m in pool.members]
 
     def scores(log_probs: torch.Tensor) -> tuple[float, float]:
         acc = (log_probs.argmax(1) == labels).double().mean().item()
-        nll = torch.nn.functional.nll_loss(log_probs.double(), labels).item()
+        nll = torch.nn.functional.nll_loss(log_probs, labels).item()
         return acc, nll
 
-    table = Table(title=f"{args.members} x '{DEMO_ARCH}' on {DEMO_DATA} (test split, n={len(labels)})")
+    logits = [predict(m, test).double() for m in pool.members]
+    rows = [(f"member seed={s}", *scores(torch.log_softmax(z, dim=1))) for s, z in zip(seeds, logits)]
+    rows.append(("members' mean", sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows)))
+    mean_probs = torch.stack([torch.softmax(z, dim=1) for z in logits]).mean(0)
+    rows.append(("ensemble: mean of probabilities", *scores(mean_probs.clamp_min(1e-300).log())))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    start = time.perf_counter()
+    rows = pool_rows(args.members, args.epochs, args.seed, cache=not args.no_cache)
+    table = Table(title=f"{args.members} x '{DEMO_ARCH}' on {DEMO_DATA}, test split")
     table.add_column("model")
     table.add_column("test accuracy", justify="right")
     table.add_column("test NLL", justify="right")
-    member_scores = []
-    for seed, z in zip(seeds, logits):
-        acc, nll = scores(torch.log_softmax(z.double(), dim=1))
-        member_scores.append((acc, nll))
-        table.add_row(f"member seed={seed}", f"{100 * acc:.2f}%", f"{nll:.4f}")
-    table.add_section()
-    mean_acc = sum(a for a, _ in member_scores) / len(member_scores)
-    mean_nll = sum(n for _, n in member_scores) / len(member_scores)
-    table.add_row("[italic]members' mean[/italic]", f"{100 * mean_acc:.2f}%", f"{mean_nll:.4f}")
-    probs = torch.stack([torch.softmax(z.double(), dim=1) for z in logits]).mean(0)
-    acc, nll = scores(probs.clamp_min(1e-300).log())
-    table.add_row(
-        "[bold]ensemble: mean of probabilities[/bold]", f"[bold]{100 * acc:.2f}%", f"[bold]{nll:.4f}"
-    )
-    console.print(table)
-    console.print(f"done in {time.perf_counter() - start:.1f} s")
+    for i, (name, acc, nll) in enumerate(rows):
+        if i == args.members:
+            table.add_section()
+        style = "bold" if name.startswith("ensemble") else ""
+        table.add_row(name, f"{100 * acc:.2f}%", f"{nll:.4f}", style=style)
+    Console().print(table)
+    print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -1,0 +1,58 @@
+"""Small reference architectures, the one seeded training loop, and pools of trained models.
+
+- ``create_model(name, input_shape=..., num_classes=...)``, ``list_models("cnn*")``,
+  ``register_model(name)``: architectures by name (``mlp``, ``cnn``, ``cnn1d``,
+  ``vgg_small``, ``resnet_small``).
+- ``train(model, data, epochs=..., seed=...)``, ``evaluate``, ``predict``: the training
+  loop every part of modelfuse that learns goes through.
+- ``build_pool`` / ``build_finetune_pool``: K trained models (from K seeds, or fine-tuned
+  from one shared base on K tasks), cached on disk keyed by everything that made them.
+"""
+
+from __future__ import annotations
+
+from modelfuse.zoo import models as _models
+from modelfuse.zoo.models import MLP, BasicBlock, ConvBlock, ConvNet, ResNet
+from modelfuse.zoo.pool import Pool, build_finetune_pool, build_pool, code_hash, member_key, member_spec
+from modelfuse.zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
+from modelfuse.zoo.train import (
+    Callback,
+    TrainResult,
+    TrainState,
+    cross_entropy,
+    evaluate,
+    make_optimizer,
+    make_schedule,
+    predict,
+    train,
+)
+
+del _models  # imported for its registrations
+
+__all__ = [
+    "MLP",
+    "BasicBlock",
+    "Callback",
+    "ConvBlock",
+    "ConvNet",
+    "ModelInfo",
+    "Pool",
+    "ResNet",
+    "TrainResult",
+    "TrainState",
+    "build_finetune_pool",
+    "build_pool",
+    "code_hash",
+    "create_model",
+    "cross_entropy",
+    "evaluate",
+    "list_models",
+    "make_optimizer",
+    "make_schedule",
+    "member_key",
+    "member_spec",
+    "model_info",
+    "predict",
+    "register_model",
+    "train",
+]

@@ -1,0 +1,69 @@
+"""Architectures by name, like timm's: ``register_model``, ``create_model``, ``list_models``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import nn
+
+from modelfuse.registry import Registry, check_options
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered architecture: its factory and the input shapes it is meant for (tests build each)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.factory) or ""
+
+
+_MODELS: Registry[ModelInfo] = Registry("model")
+
+
+def register_model(
+    name: str, *, input_shapes: Sequence[Sequence[int]] = ((1, 8, 8), (3, 32, 32))
+) -> Callable[[F], F]:
+    """Register a factory ``(*, input_shape, num_classes, **options) -> nn.Module`` under ``name``.
+
+    ``input_shapes`` lists example inputs (without batch) the architecture is meant for;
+    the shared test battery builds and runs the model on each.
+    """
+
+    def decorator(fn: F) -> F:
+        params = inspect.signature(fn).parameters
+        if "input_shape" not in params or "num_classes" not in params:
+            raise TypeError(f"model factory {fn.__qualname__} must take input_shape and num_classes")
+        info = ModelInfo(name, fn, tuple(tuple(int(d) for d in s) for s in input_shapes))
+        _MODELS.register(name, info, same=lambda old, new: old.factory is new.factory)
+        return fn
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered architecture names matching a shell-style ``pattern`` (``"cnn*"``), sorted."""
+    return _MODELS.names(pattern)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name``; an unknown name raises RegistryError listing close names."""
+    return _MODELS.get(name)
+
+
+def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the architecture ``name`` for inputs of ``input_shape`` (no batch) and ``num_classes``."""
+    info = model_info(name)
+    check_options(f"model {name!r}", info.factory, kwargs, fixed=("input_shape", "num_classes"))
+    return info.factory(
+        input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs
+    )
