@@ -541,6 +541,9 @@ def test_malicious_pickle_is_refused(tmp_path, payload, global_name):
     assert "arbitrary code" in text and "state_dict" in text
     assert not marker.exists()
     assert isinstance(info.value, CheckpointError)
+    # control: the payload is real, an unsafe load (which modelfuse never does) runs it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 def test_pickled_module_is_refused(tmp_path):

@@ -96,7 +96,7 @@ def _print_table(info: dict[str, Any], summary_only: bool) -> None:
         arch = ", ".join(info["architectures"] or [])
         console.print(f"model_type: {info['model_type']}  architectures: {arch}")
     table = Table(show_lines=False, header_style="bold")
-    table.add_column("tensor" if not summary_only else "group")
+    table.add_column("tensor" if not summary_only else "group", overflow="fold")
     if not summary_only:
         table.add_column("shape")
         table.add_column("dtype")
@@ -118,9 +118,11 @@ def _print_table(info: dict[str, Any], summary_only: bool) -> None:
             f"[bold]{human_bytes(g['nbytes'])}[/bold]",
         )
         for t in g["tensors"]:
+            name = t["name"]
+            short = name[len(g["name"]) :] if name.startswith(g["name"] + ".") else name
             table.add_row(
-                "  " + t["name"],
-                "(" + ", ".join(map(str, t["shape"])) + ")",
+                "  " + short,
+                str(tuple(t["shape"])),
                 t["dtype"],
                 f"{t['numel']:,}",
                 human_bytes(t["nbytes"]),

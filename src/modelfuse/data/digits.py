@@ -125,11 +125,12 @@ def digits_hard(
 ) -> Splits:
     """Digits made hard: Gaussian noise (std ``noise``) and a zeroed ``occlusion``-sided square per image.
 
-    The defaults take the small CNN from about 97 % (clean digits) to about 85 % with the
-    same recipe, and a tuned one stays near 92 %, leaving room for fusion to help. The corruption is drawn once per sample from ``corruption_seed`` (same data every call);
+    The defaults take the small CNN from about 97% (clean digits) to about 85% with the
+    same recipe (a tuned one stays near 92%), leaving room for fusion to help. The
+    corruption is drawn once per sample from ``corruption_seed`` (same data every call);
     ``train_fraction`` keeps a seeded, stratified share of the training split (low-data
-    setting). Val and test
-    are corrupted the same way, so the figures measure robustness, not a domain shift.
+    setting). Val and test are corrupted the same way, so the figures measure robustness,
+    not a domain shift.
     """
     x, y = _digits_arrays()
     x = corrupt(x, noise=noise, occlusion=occlusion, seed=corruption_seed)
