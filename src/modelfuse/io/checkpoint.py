@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from modelfuse.errors import CheckpointError
 from modelfuse.io._safetensors import Header, read_header
@@ -76,12 +75,16 @@ class _Source:
 
 
 class _SafetensorsSource(_Source):
-    """A safetensors file: header parsed up front, ``safe_open`` on the first read."""
+    """A safetensors file: header parsed up front, each tensor read with ``pread`` at its offset.
+
+    Plain positional reads (no memory map) keep a streaming reader's RSS bounded by the
+    tensors it holds, are safe from several threads at once, and copy each byte once.
+    """
 
     def __init__(self, header: Header) -> None:
         self.header = header
         self.path = header.path
-        self._handle: Any = None
+        self._fd: int | None = None
 
     def names(self) -> list[str]:
         return list(self.header.tensors)
@@ -91,18 +94,27 @@ class _SafetensorsSource(_Source):
         return entry.shape, entry.dtype
 
     def read(self, name: str) -> torch.Tensor:
+        entry = self.header.tensors[name]
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)
         try:
-            if self._handle is None:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            # get_tensor's result can share the file's private memory map with later reads
-            return self._handle.get_tensor(name).clone()
-        except (SafetensorError, OSError) as exc:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            view, offset = memoryview(out.numpy()), self.header.data_start + entry.begin
+            while len(view):
+                got = os.preadv(self._fd, [view], offset)
+                if got <= 0:
+                    raise OSError(f"the file ended {len(view)} bytes before the tensor's end")
+                view, offset = view[got:], offset + got
+        except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc})") from exc
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        return out.view(entry.dtype).reshape(entry.shape)
 
     def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            handle.__exit__(None, None, None)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class _TorchSource(_Source):
