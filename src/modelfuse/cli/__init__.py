@@ -18,6 +18,7 @@ from modelfuse import __version__
 #: subcommand name -> module under modelfuse.cli
 COMMANDS = {
     "inspect": "modelfuse.cli.inspect",
+    "merge": "modelfuse.cli.merge",
     "demo": "modelfuse.cli.demo",
 }
 

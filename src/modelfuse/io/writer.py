@@ -213,6 +213,11 @@ class CheckpointWriter:
             raise OutputError(f"cannot create a temporary output in {anchor} ({exc})") from exc
         self._state = "open"
 
+    def check(self) -> None:
+        """Raise now if the target could not be written (it exists without force, or overlaps an input)."""
+        self._check_target()
+        self._anchor()
+
     def _check_target(self) -> None:
         target = Path(os.path.realpath(self.target))
         for given in self.protect:

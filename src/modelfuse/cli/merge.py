@@ -1,0 +1,233 @@
+"""``modelfuse merge``: merge checkpoints with a recipe (mergekit's YAML format) or a shorthand."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge the weights of several checkpoints (recipes in mergekit's format)",
+        description="Merge checkpoints tensor by tensor into a Hugging Face folder (safetensors shards, "
+        "config, tokenizer, model card). Give a recipe file (mergekit's YAML format), or the shorthand "
+        "--method M [--base B] MODEL... [--param k=v]...",
+        epilog="examples:\n  modelfuse merge recipe.yaml -o merged\n"
+        "  modelfuse merge --method ties --base base ft1 ft2 ft3 --param density=0.3 -o merged",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", metavar="RECIPE|MODEL", help="a recipe file, or models with --method")
+    p.add_argument("--list-methods", action="store_true", help="list the merge methods and their parameters")
+    p.add_argument("-o", "--out", help="output folder (required unless --plan)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each tensor's method, parameters and inputs; compute nothing",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate everything (shapes, output path) and stop"
+    )
+    p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--out-shard-size", default="5B", help="shard size: bytes or K/M/B/KB/MB/GB/GiB (default 5B)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of randomised methods (DARE, DELLA); default 0")
+    p.add_argument(
+        "--missing",
+        choices=("error", "copy-base", "skip"),
+        default="error",
+        help="tensors not in every model: error (default), copy-base, skip",
+    )
+    p.add_argument(
+        "--allow-architecture-mismatch",
+        action="store_true",
+        help="merge models whose config.json differ in architecture",
+    )
+    short = p.add_argument_group("shorthand without a recipe file")
+    short.add_argument("--method", help="merge method (see --list-methods)")
+    short.add_argument("--base", help="base model (the one the others were fine-tuned from)")
+    short.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter for every model (repeatable)",
+    )
+    short.add_argument("--dtype", help="cast inputs to this dtype (float32, bfloat16, float16)")
+    short.add_argument("--out-dtype", help="dtype written (default: --dtype, else the inputs')")
+    p.set_defaults(run=run)
+
+
+def _shorthand(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from modelfuse.errors import ConfigError
+
+    params: dict[str, Any] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param density=0.3")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--param {item!r}: cannot read the value ({exc})") from None
+    recipe: dict[str, Any] = {
+        "merge_method": args.method,
+        "models": [{"model": m} for m in args.inputs],
+        "parameters": params,
+    }
+    if args.base:
+        recipe["base_model"] = args.base
+    if args.dtype:
+        recipe["dtype"] = args.dtype
+    if args.out_dtype:
+        recipe["out_dtype"] = args.out_dtype
+    return recipe
+
+
+def _print_plan(plan: Any, out: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from modelfuse.cli._format import human_bytes
+
+    console = Console()
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    table = Table(
+        header_style="bold", title=f"merge plan: {plan.recipe.merge_method}, {len(plan.tasks)} tensors"
+    )
+    for col in ("tensor", "shape", "dtype", "method", "parameters", "inputs"):
+        table.add_column(col, overflow="fold")
+    for task in plan.tasks:
+        if task.copy_from:
+            method, params, inputs = "copy", "", f"{task.copy_from[0]}"
+        else:
+            method = task.method.name
+            shared = ", ".join(f"{k}={_fmt(v)}" for k, v in task.shared.items())
+            per = "; ".join(
+                f"{m}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in p.items())
+                for (m, _), p in zip(task.xs, task.per_model)
+                if p
+            )
+            params = "; ".join(x for x in (shared, per) if x)
+            names = [f"{m}:{n}" if n != task.out else m for m, n in task.xs]
+            if task.base:
+                names.insert(
+                    0, f"base={task.base[0]}" + (f":{task.base[1]}" if task.base[1] != task.out else "")
+                )
+            inputs = ", ".join(names)
+        dtype = str(task.out_dtype).removeprefix("torch.")
+        table.add_row(task.out, str(task.shape), dtype, method, params, inputs)
+    console.print(table)
+    console.print(
+        f"{len(plan.tasks)} tensors, {human_bytes(plan.nbytes)} to write"
+        + (f" to {out}" if out else "")
+        + (
+            f"; config from {plan.config_from}, tokenizer from {plan.tokenizer_from}"
+            if plan.config_from
+            else ""
+        )
+    )
+
+
+def _print_methods() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from modelfuse.merge import get_method, list_methods
+
+    table = Table(header_style="bold", title="merge methods")
+    for col in ("method", "base", "per-model parameters", "shared parameters", "paper"):
+        table.add_column(col, overflow="fold")
+
+    def fields(schema: Any) -> str:
+        return ", ".join(f"{f.alias or n}={f.default!r}" for n, f in schema.model_fields.items())
+
+    for name in list_methods():
+        m = get_method(name)
+        table.add_row(name, m.base, fields(m.per_model), fields(m.shared), m.paper.split(":")[0])
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import yaml
+
+    from modelfuse.errors import ConfigError
+    from modelfuse.io import CheckpointWriter
+    from modelfuse.merge.executor import write_merge
+    from modelfuse.merge.plan import build_plan
+    from modelfuse.merge.recipe import load_recipe, parse_recipe
+
+    if args.list_methods:
+        _print_methods()
+        return 0
+    if not args.inputs:
+        raise ConfigError("give a recipe file, or --method with the models to merge (see --help)")
+    if args.method:
+        data = _shorthand(args)
+        recipe, text, folder = parse_recipe(data, "command line"), yaml.safe_dump(data, sort_keys=False), None
+    else:
+        if len(args.inputs) != 1:
+            raise ConfigError(
+                f"give one recipe file, or --method with the models to merge; found {len(args.inputs)} "
+                f"inputs without --method: {' '.join(args.inputs)}"
+            )
+        extra = [o for o in ("base", "dtype", "out_dtype") if getattr(args, o)] + (
+            ["param"] if args.param else []
+        )
+        if extra:
+            raise ConfigError(
+                f"--{extra[0].replace('_', '-')} belongs to the shorthand with --method; put it in the recipe"
+            )
+        from pathlib import Path
+
+        path = Path(args.inputs[0])
+        recipe = load_recipe(path)
+        text, folder = path.read_text(encoding="utf-8"), path.resolve().parent
+    if not args.plan and not args.out:
+        raise ConfigError("give the output folder with -o/--out (or use --plan to only print the plan)")
+    plan = build_plan(
+        recipe,
+        recipe_dir=folder,
+        missing=args.missing,
+        allow_architecture_mismatch=args.allow_architecture_mismatch,
+    )
+    try:
+        if args.plan:
+            _print_plan(plan, args.out)
+            return 0
+        CheckpointWriter(
+            args.out, max_shard_size=args.out_shard_size, force=args.force, protect=plan.input_paths()
+        ).check()
+        if args.dry_run:
+            for note in plan.notes:
+                print(f"note: {note}")
+            print(
+                f"dry run ok: {len(plan.tasks)} tensors ({plan.nbytes / 1e9:.3f} GB) would be written to {args.out}"
+            )
+            return 0
+        start = time.perf_counter()
+        out = write_merge(
+            plan,
+            args.out,
+            recipe_text=text,
+            force=args.force,
+            seed=args.seed,
+            device=args.device,
+            out_shard_size=args.out_shard_size,
+        )
+        seconds = time.perf_counter() - start
+        print(f"merged {len(plan.tasks)} tensors ({plan.nbytes / 1e9:.3f} GB) into {out} in {seconds:.1f} s")
+    finally:
+        plan.close()
+    return 0

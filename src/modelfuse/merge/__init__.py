@@ -1,0 +1,37 @@
+"""Parameter fusion: merge the weights of same-shaped models (``modelfuse.merge``).
+
+``modelfuse.merge(recipe, out)`` merges a recipe's checkpoints into a Hugging Face folder;
+``merge_state_dicts`` / ``merge_modules`` merge in-memory models with the same registry
+of methods (``list_methods()``). The package itself is callable: ``modelfuse.merge(...)``.
+"""
+
+import sys
+import types
+
+from modelfuse.merge.api import merge, merge_modules, merge_state_dicts, plan_merge
+from modelfuse.merge.methods import MergeMethod, get_method, list_methods, merge_method
+from modelfuse.merge.recipe import Recipe, load_recipe, parse_recipe
+
+__all__ = [
+    "MergeMethod",
+    "Recipe",
+    "get_method",
+    "list_methods",
+    "load_recipe",
+    "merge",
+    "merge_method",
+    "merge_modules",
+    "merge_state_dicts",
+    "parse_recipe",
+    "plan_merge",
+]
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``modelfuse.merge(recipe, out)`` call :func:`merge` while ``modelfuse.merge`` stays a package."""
+
+    def __call__(self, *args, **kwargs):
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,189 @@
+"""Run a merge plan tensor by tensor: read ahead on threads, compute, write each result in place.
+
+Memory is bounded by the tensors in flight (a read-ahead budget in bytes), never by the
+models' size: inputs are read one tensor at a time with positional reads, and the writer
+streams each result to its declared offset in the output shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelfuse.errors import FusionError
+from modelfuse.io import CheckpointWriter
+from modelfuse.merge.plan import MergePlan, TensorTask
+from modelfuse.progress import progress as progress_bar
+
+#: tokenizer and generation files copied from the tokenizer source / config source
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+)
+CONFIG_FILES = ("generation_config.json", "preprocessor_config.json")
+
+
+class MergeComputeError(FusionError):
+    """A merge method produced an unusable result (non-finite values) or failed on a tensor."""
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of one output tensor's random draws: reproducible per (seed, tensor name)."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _load(plan: MergePlan, task: TensorTask) -> dict[tuple[str, str], torch.Tensor]:
+    pairs = [task.copy_from] if task.copy_from else [*task.xs, *([task.base] if task.base else [])]
+    return {pair: plan.models[pair[0]].get(pair[1]) for pair in pairs}
+
+
+def compute(
+    task: TensorTask, inputs: dict[tuple[str, str], torch.Tensor], seed: int, device: torch.device
+) -> torch.Tensor:
+    """One output tensor from its loaded inputs, on ``device``; returned on the CPU in the output dtype."""
+    if task.copy_from is not None:
+        return inputs[task.copy_from].to(task.out_dtype)
+    xs = [inputs[p].to(device=device, dtype=task.compute_dtype) for p in task.xs]
+    base = inputs[task.base].to(device=device, dtype=task.compute_dtype) if task.base else None
+    generator = None
+    if task.method.randomized:
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, task.out))
+    try:
+        out = task.method(xs, base, models=task.per_model, generator=generator, **task.shared)
+    except FusionError as exc:
+        raise type(exc)(f"tensor {task.out!r}: {exc}") from None
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise MergeComputeError(
+            f"merge method {task.method.name!r} gave {bad} non-finite value(s) for tensor {task.out!r} "
+            f"(parameters: {task.shared or {}}, per model: {task.per_model}); check the inputs for "
+            "NaN/inf and the parameters (e.g. a zero normalising weight)"
+        )
+    return out.to(device="cpu", dtype=task.out_dtype)
+
+
+def run_tasks(
+    plan: MergePlan,
+    sink: Callable[[str, torch.Tensor], Any],
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    read_ahead_bytes: int = 512 * 2**20,
+    threads: int = 4,
+    progress: bool | None = None,
+) -> None:
+    """Compute every task of ``plan`` in order and hand each result to ``sink(name, tensor)``.
+
+    Reads for the next tasks run on ``threads`` threads while the current one computes,
+    up to ``read_ahead_bytes`` of inputs in flight (always at least one task ahead).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from modelfuse.errors import ConfigError
+
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    tasks = plan.tasks
+
+    def input_bytes(task: TensorTask) -> int:
+        pairs = [task.copy_from] if task.copy_from else [*task.xs, *([task.base] if task.base else [])]
+        return sum(plan.models[m].nbytes(n) for m, n in pairs)
+
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
+        progress_bar("merge", total=plan.nbytes, unit="bytes", show=progress) as bar,
+    ):
+        pending: deque[tuple[TensorTask, Future, int]] = deque()
+        in_flight = 0
+        nxt = 0
+        try:
+            for _ in range(len(tasks)):
+                while nxt < len(tasks) and (
+                    not pending or in_flight + input_bytes(tasks[nxt]) <= read_ahead_bytes
+                ):
+                    size = input_bytes(tasks[nxt])
+                    pending.append((tasks[nxt], pool.submit(_load, plan, tasks[nxt]), size))
+                    in_flight += size
+                    nxt += 1
+                task, future, size = pending.popleft()
+                inputs = future.result()
+                in_flight -= size
+                result = compute(task, inputs, seed, dev)
+                del inputs
+                sink(task.out, result)
+                bar.advance(task.nbytes)
+        finally:
+            for _, future, _ in pending:
+                future.cancel()
+
+
+def model_card(plan: MergePlan, recipe_text: str, out: Path) -> str:
+    """A Hugging Face README.md for the merged model that quotes the recipe."""
+    from modelfuse import __version__
+
+    method = plan.tasks[0].method if plan.tasks else None
+    others = [m for m in plan.models if m != plan.base]
+    lines = ["---"]
+    if plan.base:
+        lines.append(f"base_model: {plan.base}")
+    lines += ["library_name: transformers", "tags:", "- modelfuse", "- merge", "---", ""]
+    lines.append(f"# {plan.recipe.name or out.name}")
+    lines.append("")
+    paper = f" ({method.paper})" if method is not None and method.paper else ""
+    lines.append(
+        f"This model was merged with [modelfuse](https://pypi.org/project/modelfuse/) {__version__} "
+        f"using the `{plan.recipe.merge_method}` method{paper}."
+    )
+    lines += ["", "## Models", ""]
+    if plan.base:
+        lines.append(f"* base: {plan.base}")
+    lines += [f"* {m}" for m in others]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_merge(
+    plan: MergePlan,
+    out: str | os.PathLike,
+    *,
+    recipe_text: str,
+    force: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    out_shard_size: int | str = "5B",
+    progress: bool | None = None,
+) -> Path:
+    """Run ``plan`` into a Hugging Face folder at ``out``: shards + index, config, tokenizer, model card."""
+    from modelfuse import __version__
+
+    target = Path(out)
+    metadata = {"format": "pt", "modelfuse_version": __version__, "merge_method": plan.recipe.merge_method}
+    with CheckpointWriter(
+        target, max_shard_size=out_shard_size, metadata=metadata, force=force, protect=plan.input_paths()
+    ) as writer:
+        writer.declare({t.out: (t.shape, t.out_dtype) for t in plan.tasks})
+        run_tasks(plan, writer.add, seed=seed, device=device, progress=progress)
+        if plan.config is not None:
+            writer.write_json("config.json", plan.config)
+        if plan.config_from is not None:
+            writer.copy_files(plan.models[plan.config_from], CONFIG_FILES)
+        if plan.tokenizer_from is not None:
+            writer.copy_files(plan.models[plan.tokenizer_from], TOKENIZER_FILES)
+        writer.write_text("README.md", model_card(plan, recipe_text, target))
+    return writer.target

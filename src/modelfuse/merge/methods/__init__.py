@@ -1,0 +1,26 @@
+"""Merge methods, one module per method family; importing this package registers them all."""
+
+from modelfuse.merge.methods import (  # noqa: F401  (importing registers the methods)
+    arcee_fusion,
+    iso,
+    karcher,
+    linear,
+    magmax,
+    model_stock,
+    nearswap,
+    passthrough,
+    slerp,
+    task_arithmetic,
+    tsv,
+)
+from modelfuse.merge.methods._base import (
+    METHODS,
+    MergeMethod,
+    NoParams,
+    Params,
+    get_method,
+    list_methods,
+    merge_method,
+)
+
+__all__ = ["METHODS", "MergeMethod", "NoParams", "Params", "get_method", "list_methods", "merge_method"]

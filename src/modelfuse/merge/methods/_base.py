@@ -1,0 +1,179 @@
+"""What a merge method is: a plain function over one tensor's inputs, registered with its schemas.
+
+A method is ``fn(xs, base, *, <per-model lists>, <shared scalars>, [generator]) -> Tensor``:
+``xs`` are the models' versions of one tensor (the base excluded), ``base`` the base
+model's (or None), per-model parameters arrive as lists aligned with ``xs`` (``weight``,
+``density``...), shared parameters as scalars (``t``, ``lambda_``, ``normalize``...).
+Methods never do I/O and never see tensor names; the executor resolves parameters per
+tensor (filters, gradients) and calls them. Randomised methods take a seeded
+``generator``. Each method's docstring names its paper and the equation it implements,
+and says where mergekit's semantics differ from the paper.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from modelfuse.errors import ConfigError
+from modelfuse.registry import Registry
+
+BaseUse = Literal["required", "optional", "none"]
+
+
+class Params(BaseModel):
+    """Base of every method's parameter schema: unknown fields are errors, ``lambda`` may be spelled so."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class NoParams(Params):
+    """A method without parameters of this kind."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its function, parameter schemas and input requirements.
+
+    - ``shared``: parameters that take one value per tensor (``t``, ``lambda``, ``normalize``).
+    - ``per_model``: parameters each model sets for itself (``weight``, ``density``).
+    - ``base``: whether a base model is required, optional or not used.
+    - ``min_models`` / ``max_models``: how many models besides the base it accepts.
+    - ``randomized``: takes a ``generator`` (seeded per tensor by the executor).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    shared: type[Params]
+    per_model: type[Params]
+    base: BaseUse
+    min_models: int
+    max_models: int | None
+    randomized: bool
+    paper: str
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.fn) or ""
+
+    def shared_defaults(self) -> dict[str, Any]:
+        """Defaults of the shared parameters (required ones, like slerp's ``t``, are left out)."""
+        return _defaults(self.shared)
+
+    def per_model_defaults(self) -> dict[str, Any]:
+        """Defaults of the per-model parameters (required ones are left out)."""
+        return _defaults(self.per_model)
+
+    def check_shared(self, values: dict[str, Any], where: str = "parameters") -> Params:
+        return _validate(self, self.shared, values, where)
+
+    def check_per_model(self, values: dict[str, Any], where: str = "model parameters") -> Params:
+        return _validate(self, self.per_model, values, where)
+
+    def __call__(
+        self,
+        xs: Sequence[torch.Tensor],
+        base: torch.Tensor | None = None,
+        *,
+        models: Sequence[dict[str, Any]] | None = None,
+        generator: torch.Generator | None = None,
+        **shared: Any,
+    ) -> torch.Tensor:
+        """Validate parameters and run: ``models`` holds each model's own parameters (dicts)."""
+        if self.base == "required" and base is None:
+            raise ConfigError(f"merge method {self.name!r} needs a base model (base_model in a recipe)")
+        n = len(xs)
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            most = "" if self.max_models is None else f" and at most {self.max_models}"
+            raise ConfigError(
+                f"merge method {self.name!r} needs at least {self.min_models}{most} models besides "
+                f"the base; found {n}"
+            )
+        models = list(models) if models is not None else [{} for _ in xs]
+        if len(models) != n:
+            raise ConfigError(
+                f"merge method {self.name!r}: {n} tensors but {len(models)} per-model parameter sets"
+            )
+        checked = [self.check_per_model(m, f"model {i} parameters") for i, m in enumerate(models)]
+        kwargs: dict[str, Any] = {
+            field: [getattr(m, field) for m in checked] for field in self.per_model.model_fields
+        }
+        kwargs.update(self.check_shared(shared).model_dump())
+        if self.randomized:
+            kwargs["generator"] = generator
+        return self.fn(list(xs), base, **kwargs)
+
+
+def _defaults(schema: type[Params]) -> dict[str, Any]:
+    return {f.alias or n: f.default for n, f in schema.model_fields.items() if not f.is_required()}
+
+
+def _validate(method: MergeMethod, schema: type[Params], values: dict[str, Any], where: str) -> Params:
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in exc.errors()
+        )
+        valid = ", ".join(f.alias or n for n, f in schema.model_fields.items()) or "(none)"
+        raise ConfigError(
+            f"merge method {method.name!r} {where}: {problems}. Valid parameters here: {valid}"
+        ) from None
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def merge_method(
+    name: str,
+    *,
+    shared: type[Params] = NoParams,
+    per_model: type[Params] = NoParams,
+    base: BaseUse = "optional",
+    min_models: int = 1,
+    max_models: int | None = None,
+    paper: str = "",
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn`` as merge method ``name``; the function itself is returned unchanged.
+
+    The function's keyword parameters must be exactly the schemas' fields (``lambda`` is
+    the keyword ``lambda_``), plus ``generator`` for randomised methods.
+    """
+
+    def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        kw = {
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        fields = set(shared.model_fields) | set(per_model.model_fields)
+        randomized = "generator" in kw
+        if kw - {"generator"} != fields:
+            raise TypeError(
+                f"merge method {name!r}: keyword parameters {sorted(kw - {'generator'})} do not match "
+                f"its schemas' fields {sorted(fields)}"
+            )
+        METHODS.register(
+            name,
+            MergeMethod(name, fn, shared, per_model, base, min_models, max_models, randomized, paper),
+            same=lambda old, new: old.fn is new.fn,
+        )
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; an unknown name lists the close ones."""
+    return METHODS.get(name)
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    return METHODS.names(pattern)

@@ -1,0 +1,96 @@
+"""Karcher mean: the Riemannian centre of mass of the models' directions on the unit sphere."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods.linear import Weight, accumulation_dtype
+
+
+class KarcherShared(Params):
+    max_iter: int = Field(10, ge=0, description="most fixed-point iterations")
+    tol: float = Field(1e-5, ge=0.0, description="stop when the tangent step is shorter than this")
+    weighted: bool = Field(
+        False, description="use the models' weights (the weighted Karcher mean); mergekit ignores them"
+    )
+
+
+@merge_method(
+    "karcher",
+    shared=KarcherShared,
+    per_model=Weight,
+    base="none",
+    min_models=1,
+    paper="Karcher 1977, Riemannian center of mass and mollifier smoothing; spherical algorithm: "
+    "Buss & Fillmore 2001: m <- Exp_m(sum_i a_i Log_m(u_i))",
+)
+def karcher(
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    max_iter: int,
+    tol: float,
+    weighted: bool,
+) -> torch.Tensor:
+    """Karcher (Frechet) mean of the unit vectors u_i = x_i / |x_i|, times the mean norm.
+
+    Karcher (1977), "Riemannian center of mass and mollifier smoothing", CPAM: the point m of
+    the sphere minimising sum_i a_i d(m, u_i)^2, found by the fixed-point iteration of Buss &
+    Fillmore (2001): with theta_i = arccos <m, u_i>, the tangent step
+    T = sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m) and m <- cos|T| m + sin|T| T/|T|,
+    renormalised. Starts from the normalised arithmetic mean of the u_i; y = (sum_i a_i |x_i|) m.
+
+    mergekit semantics: a_i = 1/N, ``weight`` is ignored (``weighted: true`` uses
+    a_i = w_i / sum w; not in mergekit); models with |x_i| <= tol take no part in the direction
+    (their zero norm still counts in the scale); all such models give zeros; a start whose norm
+    is below tol is replaced by the first unit vector; terms with theta_i < tol are skipped; the
+    iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is not used: list
+    the base among the models to include it (mergekit includes a recipe's base model in the
+    mean). Computed in float32 (float64 for float64 inputs), returned in the first model's dtype.
+    """
+    if len(xs) == 1:
+        return xs[0].clone()
+    dtype = xs[0].dtype
+    work = accumulation_dtype(dtype)
+    if weighted:
+        total = sum(weight)
+        if total == 0:
+            raise ConfigError(
+                f"merge method 'karcher': the weights {weight} sum to 0; change them or set weighted: false"
+            )
+        alphas = [w / total for w in weight]
+    else:
+        alphas = [1.0 / len(xs)] * len(xs)
+    vs = [x.to(work).reshape(-1) for x in xs]
+    norms = [v.norm().item() for v in vs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    units = [vs[i] / norms[i] for i in valid]
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+
+    mean = sum(ai * ui for ai, ui in zip(a, units))
+    mean_norm = mean.norm().item()
+    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        step = torch.zeros_like(mean)
+        for ai, ui in zip(a, units):
+            cos = torch.dot(mean, ui).clamp(-1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta.item() < tol:
+                continue
+            step += ai * (theta / torch.sin(theta)) * (ui - cos * mean)
+        step_norm = step.norm()
+        if step_norm.item() < tol:
+            break
+        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
+        unit_norm = mean.norm().item()
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = sum(ai * n for ai, n in zip(alphas, norms))
+    return (scale * mean).reshape(xs[0].shape).to(dtype)

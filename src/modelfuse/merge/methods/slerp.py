@@ -1,0 +1,207 @@
+"""Spherical interpolation of weights: slerp between two models, nuslerp, and multislerp for N."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods.linear import Weight, accumulation_dtype
+
+DOT_THRESHOLD = 0.9995  # mergekit's: above this |cos| the two directions count as colinear
+NORM_EPS = 1e-8  # a norm at or below this is taken as 1 (the vector is not normalised)
+
+
+class SlerpShared(Params):
+    t: float = Field(..., ge=0.0, le=1.0, description="0 gives the base model, 1 the other model")
+
+
+@merge_method(
+    "slerp",
+    shared=SlerpShared,
+    base="required",
+    min_models=1,
+    max_models=1,
+    paper="Shoemake 1985, Animating rotation with quaternion curves: "
+    "slerp(p0, p1; t) = sin((1-t) theta)/sin theta p0 + sin(t theta)/sin theta p1",
+)
+def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
+    """Spherical linear interpolation from the base model (t = 0) to the other model (t = 1).
+
+    Shoemake (1985), "Animating rotation with quaternion curves", SIGGRAPH: with
+    cos theta = <a/|a|, b/|b|>, y = sin((1-t) theta)/sin theta a + sin(t theta)/sin theta b.
+    The whole tensor is one vector (flattened) and the raw tensors, not their unit vectors,
+    are interpolated, so norms are blended too.
+
+    mergekit semantics: a norm <= 1e-8 is replaced by 1, the cosine is clamped to [-1, 1],
+    and when |cos| > 0.9995 (``DOT_THRESHOLD``) the result is the linear interpolation
+    (1-t) a + t b. Computed in float64 (fine-tunes of one base sit at cos ~ 0.999, where
+    float32 angles lose digits) and cast back to the base tensor's dtype.
+    """
+    a = base.to(torch.float64).reshape(-1)
+    b = xs[0].to(torch.float64).reshape(-1)
+    na, nb = a.norm().item(), b.norm().item()
+    ua = a / na if na > NORM_EPS else a
+    ub = b / nb if nb > NORM_EPS else b
+    cos = min(1.0, max(-1.0, torch.dot(ua, ub).item()))
+    if abs(cos) > DOT_THRESHOLD:
+        out = (1.0 - t) * a + t * b
+    else:
+        theta = math.acos(cos)
+        sin_theta = math.sin(theta)
+        out = (math.sin(theta - t * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
+    return out.reshape(base.shape).to(base.dtype)
+
+
+class NuSlerpShared(Params):
+    nuslerp_flatten: bool = Field(True, description="interpolate the whole tensor as one vector")
+    nuslerp_row_wise: bool = Field(
+        False, description="without flatten: vectors along the first dim (True) or the last dim (False)"
+    )
+
+
+def _slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Slerp between corresponding vectors along the last dim; colinear pairs (sin theta < 1e-8) lerp."""
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0))
+    sin_theta = torch.sin(theta)
+    spherical = (torch.sin((1.0 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    linear = (1.0 - t) * v0 + t * v1
+    return torch.where(sin_theta.abs() < 1e-8, linear, spherical)
+
+
+@merge_method(
+    "nuslerp",
+    shared=NuSlerpShared,
+    per_model=Weight,
+    base="optional",
+    min_models=2,
+    max_models=2,
+    paper="mergekit (Goddard et al. 2024, Arcee's MergeKit) NuSLERP; slerp of Shoemake 1985 "
+    "with t = w_2 / (w_1 + w_2)",
+)
+def nuslerp(
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool,
+    nuslerp_row_wise: bool,
+) -> torch.Tensor:
+    """Slerp between two models, or between their task vectors when a base is given.
+
+    Shoemake's slerp (see ``slerp``) with t = w_2 / (w_1 + w_2) from the two models'
+    weights (t = 0.5 when |w_1 + w_2| < 1e-6); with a base, y = base + slerp(t, x_1 - base,
+    x_2 - base) (mergekit's NuSLERP, Goddard et al. 2024, "Arcee's MergeKit: A Toolkit for
+    Merging Large Language Models"). ``slerp`` with t is nuslerp without base and weights 1-t, t,
+    up to the colinearity rule.
+
+    mergekit semantics: ``nuslerp_flatten`` (default true) treats the tensor as one vector;
+    otherwise vectors are taken along the last dim (x[i, :]) or, with ``nuslerp_row_wise``,
+    along the first dim (x[:, j]); mergekit's names and docs call the latter "row-wise". Unit
+    vectors divide by max(norm, 1e-7); only pairs with |sin theta| < 1e-8 fall back to linear
+    interpolation (no 0.9995 threshold as in ``slerp``). mergekit requires ``weight``; here it
+    defaults to 1 (t = 0.5). Computed in float32 (float64 for float64 inputs), returned in
+    the first model's dtype.
+    """
+    w1, w2 = weight
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    dtype = xs[0].dtype
+    work = accumulation_dtype(dtype)
+    v0, v1 = xs[0].to(work), xs[1].to(work)
+    if base is not None:
+        b = base.to(work)
+        v0, v1 = v0 - b, v1 - b
+    shape = v0.shape
+    if nuslerp_flatten or v0.dim() <= 1:
+        out = _slerp_vectors(t, v0.reshape(-1), v1.reshape(-1))
+    elif nuslerp_row_wise:
+        out = _slerp_vectors(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+    else:
+        out = _slerp_vectors(t, v0, v1)
+    out = out.reshape(shape)
+    if base is not None:
+        out = b + out
+    return out.to(dtype)
+
+
+class MultiSlerpShared(Params):
+    normalize_weights: bool = Field(True, description="divide the weights by their sum")
+    eps: float = Field(1e-8, ge=0.0, description="added to norms for numerical stability")
+
+
+@merge_method(
+    "multislerp",
+    shared=MultiSlerpShared,
+    per_model=Weight,
+    base="optional",
+    min_models=1,
+    paper="Goddard 2025, Multislerp (goddard.blog); spherical averages: Buss & Fillmore 2001, "
+    "Spherical averages and applications to spherical splines and interpolation",
+)
+def multislerp(
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
+    """Barycentric spherical interpolation of N models (or of their task vectors, given a base).
+
+    One tangent-space step of the spherical average (Buss & Fillmore 2001, "Spherical
+    averages and applications to spherical splines and interpolation", ACM TOG), as in
+    mergekit's multislerp (Goddard 2025, "multislerp" blog post): unit vectors
+    u_i = v_i / (|v_i| + eps); m = normalised sum_i w_i u_i; tangent vectors
+    g_i = u_i - <u_i, m> m; g = sum_i w_i g_i; y = (cos|g| m + sin|g| g / |g|) * sum_i w_i |v_i|,
+    with |g| + eps in place of |g|. With a base, v_i = x_i - base and the base is added back.
+
+    mergekit semantics: weights divided by their sum when ``normalize_weights``; a single
+    model is returned as it is; when |sum_i w_i u_i| < eps two models fall back to the
+    weighted sum w_1 v_1 + w_2 v_2 and more models are an error. mergekit requires
+    ``weight``; here it defaults to 1. Computed in float32 (float64 for float64 inputs),
+    returned in the first model's dtype.
+    """
+    if len(xs) == 1:
+        return xs[0].clone()
+    dtype = xs[0].dtype
+    work = accumulation_dtype(dtype)
+    shape = xs[0].shape
+    v = torch.stack([x.to(work) for x in xs])
+    b = base.to(work) if base is not None else None
+    if b is not None:
+        v = v - b
+    flat = v.reshape(len(xs), -1)
+    w = torch.tensor(weight, dtype=work, device=flat.device)
+    if normalize_weights:
+        if w.sum().item() == 0.0:
+            raise ConfigError(
+                f"merge method 'multislerp': the weights {weight} sum to 0 and cannot be normalised; "
+                "change the weights or set normalize_weights: false"
+            )
+        w = w / w.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    unit = flat / (norms + eps)
+    mean = (w[:, None] * unit).sum(0)
+    mean_norm = mean.norm()
+    if mean_norm.item() < eps:
+        if len(xs) != 2:
+            raise ConfigError(
+                "merge method 'multislerp': the weighted sum of the models' directions is zero "
+                "(antipodal tensors whose weights cancel out); change the weights"
+            )
+        out = (w[0] * v[0] + w[1] * v[1]).reshape(shape)
+    else:
+        mean = mean / mean_norm
+        tangent = unit - (unit @ mean)[:, None] * mean
+        g = (w[:, None] * tangent).sum(0)
+        g_norm = g.norm() + eps
+        out = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
+        out = (out * (norms[:, 0] * w).sum()).reshape(shape)
+    if b is not None:
+        out = out + b
+    return out.to(dtype)

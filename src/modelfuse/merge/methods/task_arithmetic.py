@@ -1,0 +1,40 @@
+"""Task arithmetic: add scaled task vectors to the base model."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods.linear import Weight
+
+
+class TaskArithmeticShared(Params):
+    lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = False
+
+
+@merge_method(
+    "task_arithmetic",
+    shared=TaskArithmeticShared,
+    per_model=Weight,
+    base="required",
+    paper="Ilharco et al. 2023, Editing models with task arithmetic, eq. 1: theta = theta_0 + lambda sum_i tau_i",
+)
+def task_arithmetic(
+    xs: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], lambda_: float, normalize: bool
+) -> torch.Tensor:
+    """y = base + lambda * sum_i w_i tau_i with task vectors tau_i = x_i - base.
+
+    Computed in the base tensor's dtype, as mergekit does (bf16 models: bf16 deltas and
+    sums). ``normalize=True`` divides the sum by sum_i w_i (a divisor below 1e-8 becomes 1).
+    """
+    dtype = base.dtype
+    w = torch.tensor(weight, dtype=dtype, device=base.device)
+    total = torch.zeros_like(base)
+    for wi, x in zip(w, xs):
+        total += wi * (x.to(dtype) - base)
+    if normalize:
+        div = w.sum()
+        total /= div if div.abs() >= 1e-8 else torch.ones_like(div)
+    return base + lambda_ * total
