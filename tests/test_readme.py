@@ -33,3 +33,28 @@ def test_readme_examples_and_commands_run(tmp_path, monkeypatch):
     for command in commands:
         out = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 0, f"README command failed: {command}\n{out.stderr}"
+
+
+def test_readme_merge_recipe_and_commands_run(tmp_path, monkeypatch):
+    """The recipe and the merge commands of the README, on tiny models in the folders it names."""
+    from tests.merge.conftest import llama_state, write_model
+
+    monkeypatch.chdir(tmp_path)
+    (recipe,) = blocks("yaml")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    base = llama_state(0)
+    for i, folder in enumerate(sorted(set(re.findall(r"\./([\w-]+)", recipe)))):
+        write_model(tmp_path / folder, llama_state(i + 1, base=base, scale=0.1) if folder != "base" else base)
+    commands = [
+        line.split("#")[0].strip()
+        for block in blocks("text")
+        for line in block.splitlines()
+        if line.startswith("modelfuse merge ") and "RECIPE" not in line and "MODEL..." not in line
+    ]
+    assert len(commands) >= 4, commands
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        out = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, f"README command failed: {command}\n{out.stderr}"
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+

@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"modelfuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("modelfuse: interrupted", file=sys.stderr)
         return 130

@@ -89,48 +89,32 @@ def _shorthand(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_plan(plan: Any, out: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    """One line per output tensor: name, shape, dtype, method, resolved parameters, inputs."""
     from modelfuse.cli._format import human_bytes
 
-    console = Console()
     for note in plan.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    table = Table(
-        header_style="bold", title=f"merge plan: {plan.recipe.merge_method}, {len(plan.tasks)} tensors"
-    )
-    for col in ("tensor", "shape", "dtype", "method", "parameters", "inputs"):
-        table.add_column(col, overflow="fold")
+        print(f"note: {note}")
+    print(f"merge plan: {plan.recipe.merge_method}, {len(plan.tasks)} tensors")
     for task in plan.tasks:
+        head = f"{task.out}  {tuple(task.shape)}  {str(task.out_dtype).removeprefix('torch.')}"
         if task.copy_from:
-            method, params, inputs = "copy", "", f"{task.copy_from[0]}"
-        else:
-            method = task.method.name
-            shared = ", ".join(f"{k}={_fmt(v)}" for k, v in task.shared.items())
-            per = "; ".join(
-                f"{m}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in p.items())
-                for (m, _), p in zip(task.xs, task.per_model)
-                if p
-            )
-            params = "; ".join(x for x in (shared, per) if x)
-            names = [f"{m}:{n}" if n != task.out else m for m, n in task.xs]
-            if task.base:
-                names.insert(
-                    0, f"base={task.base[0]}" + (f":{task.base[1]}" if task.base[1] != task.out else "")
-                )
-            inputs = ", ".join(names)
-        dtype = str(task.out_dtype).removeprefix("torch.")
-        table.add_row(task.out, str(task.shape), dtype, method, params, inputs)
-    console.print(table)
-    console.print(
-        f"{len(plan.tasks)} tensors, {human_bytes(plan.nbytes)} to write"
-        + (f" to {out}" if out else "")
-        + (
-            f"; config from {plan.config_from}, tokenizer from {plan.tokenizer_from}"
-            if plan.config_from
-            else ""
-        )
+            print(f"{head}  copy from {task.copy_from[0]}")
+            continue
+        parts = [", ".join(f"{k}={_fmt(v)}" for k, v in task.shared.items())]
+        parts += [
+            f"{m}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in p.items())
+            for (m, _), p in zip(task.xs, task.per_model)
+            if p
+        ]
+        names = [f"{m}:{n}" if n != task.out else m for m, n in task.xs]
+        if task.base:
+            names.insert(0, "base=" + (task.base[0] if task.base[1] == task.out else ":".join(task.base)))
+        params = "; ".join(p for p in parts if p)
+        print(f"{head}  {task.method.name}({params})  <- {', '.join(names)}")
+    where = f" to {out}" if out else ""
+    print(
+        f"{len(plan.tasks)} tensors, {human_bytes(plan.nbytes)} to write{where}; "
+        f"config from {plan.config_from}, tokenizer from {plan.tokenizer_from}"
     )
 
 

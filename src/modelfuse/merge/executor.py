@@ -79,13 +79,72 @@ def compute(
     return out.to(device="cpu", dtype=task.out_dtype)
 
 
+def _needs_global_trim(task: TensorTask) -> bool:
+    return task.copy_from is None and task.shared.get("trim") == "global" and task.base is not None
+
+
+def global_trim_thresholds(plan: MergePlan, bins: int = 4096) -> list[float]:
+    """Each model's magnitude cut over its whole task vector, for TIES with ``trim: global``.
+
+    Model i keeps sum_t floor(d_i,t n_t) entries of |tau_i| over all tensors t (Yadav et al.
+    2023 trim the task vector as a whole). Found exactly in three streaming passes over the
+    inputs, holding one tensor at a time: the largest |tau|, a histogram of |tau| to find the
+    bin holding the cut, then the exact order statistic among the values in that bin.
+    """
+    tasks = [t for t in plan.tasks if _needs_global_trim(t)]
+    n_models = max(len(t.xs) for t in tasks)
+
+    def deltas():
+        for task in tasks:
+            base = plan.models[task.base[0]].get(task.base[1]).to(torch.float32)
+            for i, (m, n) in enumerate(task.xs):
+                yield task, i, (plan.models[m].get(n).to(torch.float32) - base).abs().reshape(-1)
+
+    keep = [0] * n_models
+    top = [0.0] * n_models
+    for task, i, mag in deltas():
+        keep[i] += max(0, int(task.per_model[i].get("density", 1.0) * mag.numel()))
+        top[i] = max(top[i], float(mag.max()) if mag.numel() else 0.0)
+    def bin_of(mag: torch.Tensor, i: int) -> torch.Tensor:
+        return (mag.double() * (bins / top[i])).floor().clamp_(max=bins - 1).long()
+
+    hist = [torch.zeros(bins, dtype=torch.float64) for _ in range(n_models)]
+    for _, i, mag in deltas():
+        if top[i] > 0:
+            hist[i] += torch.bincount(bin_of(mag, i), minlength=bins).double()
+    cut_bin, above = [], []
+    for i in range(n_models):
+        from_top = hist[i].flip(0).cumsum(0)  # entries in bins >= b, counted from the highest bin
+        b = int(torch.searchsorted(from_top, float(max(keep[i], 1))))
+        b = min(b, bins - 1)
+        cut_bin.append(bins - 1 - b)
+        above.append(int(from_top[b - 1]) if b > 0 else 0)
+    inside: list[list[torch.Tensor]] = [[] for _ in range(n_models)]
+    for _, i, mag in deltas():
+        if top[i] > 0:
+            inside[i].append(mag[bin_of(mag, i) == cut_bin[i]])
+    thresholds = []
+    for i in range(n_models):
+        values = torch.cat(inside[i]) if inside[i] else torch.empty(0)
+        need = max(keep[i], 1) - above[i]
+        if values.numel() == 0 or top[i] == 0:
+            thresholds.append(0.0)
+            continue
+        need = min(max(need, 1), values.numel())
+        thresholds.append(float(torch.topk(values, need).values[-1]))
+    for task in tasks:
+        for i in range(len(task.xs)):
+            task.per_model[i] = {**task.per_model[i], "threshold": thresholds[i]}
+    return thresholds
+
+
 def run_tasks(
     plan: MergePlan,
     sink: Callable[[str, torch.Tensor], Any],
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    read_ahead_bytes: int = 512 * 2**20,
+    read_ahead_bytes: int = 256 * 2**20,
     threads: int = 4,
     progress: bool | None = None,
 ) -> None:
@@ -100,6 +159,8 @@ def run_tasks(
 
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     tasks = plan.tasks
+    if any(_needs_global_trim(t) for t in tasks):
+        global_trim_thresholds(plan)
 
     def input_bytes(task: TensorTask) -> int:
         pairs = [task.copy_from] if task.copy_from else [*task.xs, *([task.base] if task.base else [])]

@@ -2,6 +2,9 @@
 
 from modelfuse.merge.methods import (  # noqa: F401  (importing registers the methods)
     arcee_fusion,
+    breadcrumbs,
+    dare,
+    della,
     iso,
     karcher,
     linear,
@@ -9,8 +12,11 @@ from modelfuse.merge.methods import (  # noqa: F401  (importing registers the me
     model_stock,
     nearswap,
     passthrough,
+    ram,
+    sce,
     slerp,
     task_arithmetic,
+    ties,
     tsv,
 )
 from modelfuse.merge.methods._base import (

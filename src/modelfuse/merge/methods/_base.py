@@ -120,7 +120,8 @@ def _validate(method: MergeMethod, schema: type[Params], values: dict[str, Any],
         return schema.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']} (found {err['input']!r})"
+            for err in exc.errors()
         )
         valid = ", ".join(f.alias or n for n, f in schema.model_fields.items()) or "(none)"
         raise ConfigError(

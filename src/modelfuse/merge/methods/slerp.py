@@ -9,7 +9,7 @@ from pydantic import Field
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods.linear import Weight, accumulation_dtype
+from modelfuse.merge.methods.linear import Weight
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above this |cos| the two directions count as colinear
 NORM_EPS = 1e-8  # a norm at or below this is taken as 1 (the vector is not normalised)
@@ -105,13 +105,13 @@ def nuslerp(
     along the first dim (x[:, j]); mergekit's names and docs call the latter "row-wise". Unit
     vectors divide by max(norm, 1e-7); only pairs with |sin theta| < 1e-8 fall back to linear
     interpolation (no 0.9995 threshold as in ``slerp``). mergekit requires ``weight``; here it
-    defaults to 1 (t = 0.5). Computed in float32 (float64 for float64 inputs), returned in
+    defaults to 1 (t = 0.5). Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in
     the first model's dtype.
     """
     w1, w2 = weight
     t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
     dtype = xs[0].dtype
-    work = accumulation_dtype(dtype)
+    work = torch.float64  # norms and angles of millions of entries need the digits
     v0, v1 = xs[0].to(work), xs[1].to(work)
     if base is not None:
         b = base.to(work)
@@ -163,13 +163,13 @@ def multislerp(
     mergekit semantics: weights divided by their sum when ``normalize_weights``; a single
     model is returned as it is; when |sum_i w_i u_i| < eps two models fall back to the
     weighted sum w_1 v_1 + w_2 v_2 and more models are an error. mergekit requires
-    ``weight``; here it defaults to 1. Computed in float32 (float64 for float64 inputs),
+    ``weight``; here it defaults to 1. Computed in float64 (float32 norms of large tensors lose ~1e-4 relative),
     returned in the first model's dtype.
     """
     if len(xs) == 1:
         return xs[0].clone()
     dtype = xs[0].dtype
-    work = accumulation_dtype(dtype)
+    work = torch.float64  # norms and angles of millions of entries need the digits
     shape = xs[0].shape
     v = torch.stack([x.to(work) for x in xs])
     b = base.to(work) if base is not None else None

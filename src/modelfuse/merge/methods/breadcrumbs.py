@@ -1,0 +1,94 @@
+"""Model Breadcrumbs: keep the mid-range magnitudes of each task vector, dropping both tails."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._sparsify import (
+    Rescale,
+    WeightDensity,
+    merge_deltas,
+    sparsified_stack,
+    trim_outliers,
+)
+
+PAPER = (
+    "Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
+    "masked task vectors theta = theta_0 + alpha sum_t m_t * tau_t"
+)
+
+
+class BreadcrumbsModel(WeightDensity):
+    gamma: float = Field(0.01, ge=0, le=1)
+
+
+class BreadcrumbsShared(Params):
+    lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = False
+    rescale: Rescale = "none"
+
+
+def _trimmed(
+    xs: list[torch.Tensor], base: torch.Tensor, density: list[float], gamma: list[float], rescale: str
+) -> torch.Tensor:
+    return sparsified_stack(xs, base, lambda i, tau: trim_outliers(tau, density[i], gamma[i], rescale))
+
+
+@merge_method(
+    "breadcrumbs", shared=BreadcrumbsShared, per_model=BreadcrumbsModel, base="required", paper=PAPER
+)
+def breadcrumbs(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+) -> torch.Tensor:
+    """Breadcrumbs: y = base + lambda * sum_i w_i crumbs_i (``normalize``: / sum_i w_i).
+
+    Paper (Davari & Belilovsky 2024): per layer, mask out the largest-magnitude entries
+    (outliers) and the smallest ones, add the masked task vectors scaled by alpha (lambda).
+    mergekit's per-tensor mask (this one): sort |tau_i| (float32) ascending with
+    ``torch.sort``; n_top = floor(gamma n), target = floor(d n), n_bot = max(0, n - target
+    - n_top); keep sorted positions [n_bot, n_bot + target). So the top fraction removed is
+    gamma, shrunk when gamma + d > 1 so that d is always what stays; density 1 keeps all.
+    No rescale and no division by default. (mergekit's sparsify.py slices the sorted
+    positions as ``[n_bot:-n_top]``, which keeps nothing when n_top = 0, i.e. gamma n < 1;
+    this follows the formula above instead.)
+    """
+    crumbs = _trimmed(xs, base, density, gamma, rescale)
+    return merge_deltas(base, crumbs, weight, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    shared=BreadcrumbsShared,
+    per_model=BreadcrumbsModel,
+    base="required",
+    paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
+)
+def breadcrumbs_ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    gamma: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+) -> torch.Tensor:
+    """Breadcrumbs masks, then TIES' sign election: y = base + lambda * sum_i m_i w_i crumbs_i.
+
+    The masks are ``breadcrumbs``'; u_i = w_i crumbs_i, s = +1 where sum_i u_i >= 0 else
+    -1, m_i = [sign(u_i) == s]. No division by default (mergekit); ``normalize=True``
+    divides by sum_i m_i w_i (0 becomes 1).
+    """
+    crumbs = _trimmed(xs, base, density, gamma, rescale)
+    return merge_deltas(base, crumbs, weight, elect=True, normalize=normalize, lambda_=lambda_)

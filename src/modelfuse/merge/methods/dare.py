@@ -1,0 +1,86 @@
+"""DARE: drop task-vector entries at random and rescale the rest (with or without TIES' vote)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._sparsify import (
+    Rescale,
+    WeightDensity,
+    drop_random,
+    merge_deltas,
+    sparsified_stack,
+)
+
+PAPER = (
+    "Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
+    "as a Free Lunch, DARE: m ~ Bernoulli(p), tau' = (1 - m) * tau / (1 - p)"
+)
+
+
+class DareShared(Params):
+    lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = False
+    rescale: Rescale = "l1"
+
+
+def _dropped(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    density: list[float],
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    return sparsified_stack(xs, base, lambda i, tau: drop_random(tau, density[i], rescale, generator))
+
+
+@merge_method("dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+def dare_linear(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DARE then task arithmetic: y = base + lambda * sum_i w_i dropped_i (``normalize``: / sum_i w_i).
+
+    Paper (Yu, Yu, Yu, Huang, Li 2024): drop each delta entry with probability p and
+    rescale the survivors by 1/(1 - p): ``rescale="inverse_density"`` (density = 1 - p).
+    mergekit (the default): keep with probability d_i, then match the L1 norm of the
+    original task vector, dropped * ||tau_i||_1 / ||dropped||_1 (skipped when either norm
+    is below 1e-7), ``rescale="l1"`` (mergekit's ``rescale: true``; ``false`` is ``none``).
+    Masks come from ``generator`` (seeded per tensor by the executor), model by model;
+    density 1 draws nothing. Masks and rescale run in float32 (float64 for float64).
+    """
+    dropped = _dropped(xs, base, density, rescale, generator)
+    return merge_deltas(base, dropped, weight, elect=False, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method("dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+def dare_ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DARE drops, then TIES' sign election: y = base + lambda * sum_i m_i w_i dropped_i.
+
+    The drop and rescale are those of ``dare_linear`` (mergekit's L1 rescale by default,
+    the paper's 1/density with ``rescale="inverse_density"``); the vote is TIES' on the
+    weighted dropped deltas u_i: s = +1 where sum_i u_i >= 0 else -1, m_i = [sign(u_i) == s].
+    As in mergekit there is no division by default; ``normalize=True`` divides by
+    sum_i m_i w_i (0 becomes 1).
+    """
+    dropped = _dropped(xs, base, density, rescale, generator)
+    return merge_deltas(base, dropped, weight, elect=True, normalize=normalize, lambda_=lambda_)

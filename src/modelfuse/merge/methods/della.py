@@ -1,0 +1,107 @@
+"""DELLA: drop task-vector entries with a keep probability that grows with their magnitude rank."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._sparsify import (
+    Rescale,
+    WeightDensity,
+    check_della_range,
+    drop_by_rank,
+    merge_deltas,
+    sparsified_stack,
+)
+
+PAPER = (
+    "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+    "Sampling, MagPrune: rank-based drop probabilities p_i, survivors rescaled by 1/(1 - p_i)"
+)
+
+
+class DellaModel(WeightDensity):
+    epsilon: float = Field(0.15, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> DellaModel:
+        try:
+            check_della_range(self.density, self.epsilon)
+        except Exception as exc:  # pydantic wants ValueError; the message names both fields
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class DellaShared(Params):
+    lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = True
+    rescale: Rescale = "l1"
+
+
+class DellaLinearShared(DellaShared):
+    normalize: bool = False
+
+
+def _pruned(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    density: list[float],
+    epsilon: list[float],
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    return sparsified_stack(
+        xs, base, lambda i, tau: drop_by_rank(tau, density[i], epsilon[i], rescale, generator)
+    )
+
+
+@merge_method("della", shared=DellaShared, per_model=DellaModel, base="required", paper=PAPER)
+def della(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DELLA: MagPrune each task vector, then TIES' vote and mean: y = base + lambda sum m_i u_i / D.
+
+    Paper (Deep, Bhardwaj, Poria 2024): within each row rank the delta
+    magnitudes, give larger ones smaller drop probabilities around the mean drop rate,
+    drop, rescale survivors by 1/(1 - p_i); then elect signs and fuse (TIES).
+    mergekit (the default): per row (a 1-D tensor is one row; more dims: along dim 1) rank
+    r of |tau| (1..n, ``torch.argsort`` order for equal values), keep probability
+    p = (d - eps) + 2 eps (r - 1) / (n - 1), Bernoulli from ``generator``, then the L1
+    rescale (``rescale="l1"``; the paper's per-entry 1/p is ``"inverse_density"``).
+    Requires 0 < d - eps and d + eps < 1 whenever d < 1 (density 1 keeps everything).
+    Vote on u_i = w_i pruned_i, m_i = [sign(u_i) == s], D = sum_i m_i w_i (0 becomes 1).
+    """
+    pruned = _pruned(xs, base, density, epsilon, rescale, generator)
+    return merge_deltas(base, pruned, weight, elect=True, normalize=normalize, lambda_=lambda_)
+
+
+@merge_method("della_linear", shared=DellaLinearShared, per_model=DellaModel, base="required", paper=PAPER)
+def della_linear(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """DELLA's MagPrune without the vote: y = base + lambda * sum_i w_i pruned_i.
+
+    Pruning and rescale as in ``della``; no division by default (mergekit),
+    ``normalize=True`` divides by sum_i w_i.
+    """
+    pruned = _pruned(xs, base, density, epsilon, rescale, generator)
+    return merge_deltas(base, pruned, weight, elect=False, normalize=normalize, lambda_=lambda_)

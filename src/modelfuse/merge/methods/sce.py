@@ -1,0 +1,64 @@
+"""SCE (FuseChat): select high-variance entries, weight task vectors by their energy, erase minority signs."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from modelfuse.merge.methods._base import NoParams, Params, merge_method
+from modelfuse.merge.methods._sparsify import merge_deltas, sparsified_stack
+
+
+class SceShared(Params):
+    select_topk: float = Field(1.0, gt=0, le=1)
+
+
+def variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """Mask of the top ``select_topk`` fraction of the entries whose variance across models is non-zero.
+
+    k = floor(select_topk * (number of entries with non-zero variance)), chosen by
+    ``torch.topk`` over the population variance (as mergekit); k = 0 selects nothing.
+    """
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(abs(select_topk) * torch.count_nonzero(variance))
+    mask = torch.zeros(variance.numel(), dtype=torch.bool, device=deltas.device)
+    if k > 0:
+        mask[torch.topk(variance.abs().reshape(-1), k=k, largest=True).indices] = True
+    return mask.view(variance.shape)
+
+
+def energy_weights(deltas: torch.Tensor) -> list[float]:
+    """Matrix-level coefficients: mean of squares of each task vector, normalised to sum 1 (uniform if all 0)."""
+    energy = [torch.sum(d**2).item() / max(d.numel(), 1) for d in deltas]
+    total = sum(energy)
+    if total == 0:
+        return [1.0 / len(energy)] * len(energy)
+    return [e / total for e in energy]
+
+
+@merge_method(
+    "sce",
+    shared=SceShared,
+    per_model=NoParams,
+    base="required",
+    paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, SCE (select, calculate, erase)",
+)
+def sce(xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float) -> torch.Tensor:
+    """SCE: y = base + sum_i m_i eta_i delta_i / sum_i m_i eta_i over selected, sign-agreeing entries.
+
+    Paper (Wan, Zhong, Yang, Chen, Quan 2024, FuseChat): per parameter matrix, Select the
+    top tau% entries by variance of the task vectors across models, Calculate coefficients
+    eta_i from the squared magnitudes of each (selected) task vector, Erase the entries
+    whose sign disagrees with the sum (TIES' vote), then fuse.
+    mergekit's semantics (these): with ``select_topk`` < 1 keep the floor(select_topk n_v)
+    entries of largest population variance, n_v the entries with non-zero variance
+    (``torch.topk`` order), zero the rest in every task vector; eta_i = mean(delta_i^2) /
+    sum_j mean(delta_j^2) (uniform when all are 0); s = +1 where sum_i delta_i >= 0 else -1
+    (unweighted vote), m_i = [sign(delta_i) == s]; divide by sum_i m_i eta_i (0 becomes 1).
+    No per-model parameters and no lambda: mergekit's sce ignores ``weight``.
+    """
+    deltas = sparsified_stack(xs, base, lambda i, tau: tau)
+    if select_topk < 1:
+        deltas.mul_(variance_mask(deltas, select_topk))
+    eta = energy_weights(deltas)
+    return merge_deltas(base, deltas.clone(), eta, elect=True, normalize=True, lambda_=1.0, votes=deltas)

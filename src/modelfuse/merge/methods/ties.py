@@ -1,0 +1,94 @@
+"""TIES-Merging: trim task vectors, elect a sign per entry, average those that agree."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._sparsify import (
+    Rescale,
+    WeightDensity,
+    merge_deltas,
+    sparsified_stack,
+    trim_threshold,
+    trim_top_k,
+)
+
+
+class TiesModel(WeightDensity):
+    threshold: float | None = Field(None, ge=0)
+
+
+class TiesShared(Params):
+    lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool = True
+    rescale: Rescale = "none"
+    vote: Literal["weighted", "unweighted"] = "weighted"
+    trim: Literal["tensor", "global"] = "tensor"
+
+
+@merge_method(
+    "ties",
+    shared=TiesShared,
+    per_model=TiesModel,
+    base="required",
+    paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, Algorithm 1 "
+    "(trim, elect sign, disjoint merge)",
+)
+def ties(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: list[float],
+    density: list[float],
+    threshold: list[float | None],
+    lambda_: float,
+    normalize: bool,
+    rescale: str,
+    vote: str,
+    trim: str,
+) -> torch.Tensor:
+    """TIES: y = base + lambda * sum_i m_i u_i / sum_i m_i w_i over trimmed, sign-agreeing deltas.
+
+    Paper (Yadav, Tam, Choshen, Raffel, Bansal 2023, Algorithm 1): trim each task vector
+    to its top-k% magnitudes (tau_hat_t), elect gamma = sgn(sum_t tau_hat_t), take the
+    disjoint mean over the t whose sign agrees, theta = theta_init + lambda tau_m.
+
+    Defaults are mergekit's (``vote="weighted"``, ``trim="tensor"``): per tensor keep the
+    k_i = max(1, floor(d_i n)) largest |tau_i| (equal magnitudes at the cut resolved as
+    ``torch.argsort`` of the float32 magnitudes, descending, orders them), u_i = w_i trimmed
+    tau_i, s = +1 where sum_i u_i >= 0 else -1, m_i = [sign(u_i) == s] (zeros never count),
+    D = sum_i m_i w_i (0 becomes 1), in the base dtype. ``normalize=False`` skips the
+    division. ``rescale`` (mergekit's, off by default) rescales the trimmed vector.
+
+    The paper's variant: ``vote="unweighted"`` elects on sum_i trimmed tau_i and counts
+    m_i = [sign(trimmed tau_i) == s] (with all weights 1 this is the paper's disjoint mean);
+    ``trim="global"`` trims over the whole task vector, which one tensor cannot see: the
+    executor computes each model's magnitude cut over all of its tensors and passes it as
+    the per-model ``threshold``; entries with |tau| >= threshold stay (``density`` is then
+    only the fraction the threshold was computed for). ``threshold`` is required with
+    ``trim="global"`` and refused otherwise.
+    """
+    given = [t is not None for t in threshold]
+    if trim == "global":
+        if not all(given):
+            raise ConfigError(
+                "ties with trim: global needs each model's magnitude threshold over its whole task "
+                "vector (per-model 'threshold', computed by the executor); found none for model(s) "
+                f"{[i for i, g in enumerate(given) if not g]}"
+            )
+        trimmed = sparsified_stack(
+            xs, base, lambda i, tau: trim_threshold(tau, threshold[i], density[i], rescale)
+        )
+    else:
+        if any(given):
+            raise ConfigError(
+                "ties: per-model 'threshold' is only used with trim: global; remove it or set trim: global"
+            )
+        trimmed = sparsified_stack(xs, base, lambda i, tau: trim_top_k(tau, density[i], rescale))
+    votes = trimmed.clone() if vote == "unweighted" else None
+    return merge_deltas(base, trimmed, weight, elect=True, normalize=normalize, lambda_=lambda_, votes=votes)

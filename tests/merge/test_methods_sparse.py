@@ -1,0 +1,739 @@
+"""Sparsifying task-vector methods (TIES, DARE, breadcrumbs, DELLA, SCE, RAM) against NumPy references.
+
+The references below are written from the definitions (mergekit 0.1.5's measured semantics,
+see shared/reference/mergekit-semantics.md), not from the implementation. One thing no
+reference can derive is which of several equal magnitudes a cut keeps: mergekit takes
+them in the order ``torch.argsort`` / ``torch.sort`` puts them, and on CPU that sort is an
+introsort that is stable only up to 16 entries. So tie-breaking references use NumPy's
+stable order on tensors of at most 16 entries, and ``torch.argsort`` itself (the
+definition) on larger ones. Randomised methods are checked given their masks, and their
+masks statistically, with tolerances derived from the sample size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge.methods import breadcrumbs as breadcrumbs_mod  # noqa: F401  (registers)
+from modelfuse.merge.methods import dare as dare_mod  # noqa: F401
+from modelfuse.merge.methods import della as della_mod
+from modelfuse.merge.methods import ram as ram_mod  # noqa: F401
+from modelfuse.merge.methods import sce as sce_mod  # noqa: F401
+from modelfuse.merge.methods import ties as ties_mod  # noqa: F401
+from modelfuse.merge.methods._base import get_method
+from modelfuse.merge.methods._sparsify import (
+    drop_by_rank,
+    drop_random,
+    largest_magnitudes,
+    magnitude_window,
+    rank_keep_probabilities,
+)
+
+# ---------------------------------------------------------------------------------------------
+# NumPy references
+# ---------------------------------------------------------------------------------------------
+
+
+def order_desc(w32: np.ndarray) -> np.ndarray:
+    """Positions of float32 magnitudes in mergekit's descending order (see the module docstring)."""
+    if w32.size <= 16:
+        return np.argsort(-w32, kind="stable")
+    return torch.argsort(torch.from_numpy(w32), descending=True).numpy()
+
+
+def order_asc(w32: np.ndarray) -> np.ndarray:
+    if w32.size <= 16:
+        return np.argsort(w32, kind="stable")
+    return torch.sort(torch.from_numpy(w32)).indices.numpy()
+
+
+def np_task_vectors(xs, base):
+    return [x.astype(base.dtype) - base for x in xs]
+
+
+def np_rescale(tau, kept, mode, keep_prob):
+    """kept is tau * mask; the rescale modes of the method docstrings."""
+    if mode == "none":
+        return kept
+    if mode == "inverse_density":
+        return kept / keep_prob
+    before, after = np.abs(tau).sum(dtype=np.float64), np.abs(kept).sum(dtype=np.float64)
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def np_trim_top_k(tau, density, rescale="none"):
+    if density >= 1:
+        return tau
+    flat = tau.ravel()
+    k = max(1, math.floor(density * flat.size))
+    keep = np.zeros(flat.size, bool)
+    keep[order_desc(np.abs(flat).astype(np.float32))[:k]] = True
+    return np_rescale(tau, np.where(keep, flat, 0).reshape(tau.shape), rescale, density)
+
+
+def np_breadcrumb(tau, density, gamma):
+    if density >= 1:
+        return tau
+    flat = tau.ravel()
+    n = flat.size
+    target, n_top = math.floor(density * n), math.floor(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    keep = np.zeros(n, bool)
+    keep[order_asc(np.abs(flat).astype(np.float32))[n_bot : n_bot + target]] = True
+    return np.where(keep, flat, 0).reshape(tau.shape)
+
+
+def np_merge(base, deltas, weights, *, elect, normalize, lam, votes=None):
+    """base + lam * sum_i m_i w_i d_i [/ D] in float64 (m_i = 1, D = sum w_i without election)."""
+    d = np.stack(deltas).astype(np.float64)
+    w = np.asarray(weights, np.float64).reshape(-1, *([1] * base.ndim))
+    u = d * w
+    if elect:
+        v = u if votes is None else np.stack(votes).astype(np.float64)
+        s = np.where(v.sum(0) >= 0, 1.0, -1.0)
+        m = np.sign(v) == s
+        mixed, div = (u * m).sum(0), (w * m).sum(0)
+        div = np.where(div == 0, 1.0, div)
+    else:
+        mixed, div = u.sum(0), w.sum(0)
+        div = np.where(np.abs(div) < 1e-8, 1.0, div)
+    if normalize:
+        mixed = mixed / div
+    return base.astype(np.float64) + lam * mixed
+
+
+def np_ties(xs, base, weights, densities, *, lam=1.0, normalize=True, vote="weighted"):
+    trimmed = [np_trim_top_k(t, d) for t, d in zip(np_task_vectors(xs, base), densities)]
+    votes = trimmed if vote == "unweighted" else None
+    return np_merge(base, trimmed, weights, elect=True, normalize=normalize, lam=lam, votes=votes)
+
+
+def np_sce(xs, base, select_topk):
+    d = np.stack(np_task_vectors(xs, base)).astype(np.float64)
+    if select_topk < 1:
+        var = d.var(axis=0)
+        k = math.floor(select_topk * np.count_nonzero(var))
+        keep = np.zeros(var.size, bool)
+        keep[np.argsort(-var.ravel(), kind="stable")[:k]] = True
+        d = d * keep.reshape(var.shape)
+    energy = np.array([(di**2).mean() for di in d])
+    eta = energy / energy.sum() if energy.sum() else np.full(len(d), 1 / len(d))
+    return np_merge(base, list(d), eta, elect=True, normalize=True, lam=1.0, votes=list(d))
+
+
+def np_ram(xs, base, eps, plus=None):
+    tv = np.stack(np_task_vectors(xs, base)).reshape(len(xs), -1).astype(np.float64)
+    changed = np.abs(tv) > eps
+    count = changed.sum(0)
+    shared, unique = count > 1, count == 1
+    scale = np.ones(len(xs))
+    if plus is not None:  # mergekit's scale is float32: integer counts over a float clamp
+        r, alpha = plus
+        f32 = np.float32
+        n_shared = (changed & shared).sum(1).astype(f32)
+        n_unique = np.maximum((changed & unique).sum(1).astype(f32), f32(eps))
+        scale = f32(1) + f32(r) * np.clip(n_shared / n_unique, f32(0), f32(alpha))
+    tv = tv * changed
+    merged = (tv * unique * scale[:, None] + tv * shared / np.maximum(count, 1)).sum(0)
+    return base.astype(np.float64) + merged.reshape(base.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def models(n, seed, shape, dtype=np.float32, scale=0.1):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(dtype)
+    xs = [(base + scale * rng.standard_normal(shape)).astype(dtype) for _ in range(n)]
+    return xs, base
+
+
+def run(name, xs, base, per_model=None, seed=None, **shared):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = get_method(name)(
+        [torch.from_numpy(np.ascontiguousarray(x)) for x in xs],
+        torch.from_numpy(np.ascontiguousarray(base)),
+        models=per_model,
+        generator=gen,
+        **shared,
+    )
+    return out.numpy()
+
+
+def assert_close(got, ref, dtype):
+    np.testing.assert_allclose(got, ref, **TOL[dtype])
+
+
+SHAPES = [(37,), (6, 9)]
+DTYPES = [np.float32, np.float64]
+
+# ---------------------------------------------------------------------------------------------
+# TIES
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference(dtype, shape, normalize):
+    xs, base = models(3, 1, shape, dtype)
+    weights, densities = [1.0, 0.7, 1.6], [0.5, 0.25, 1.0]
+    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    got = run("ties", xs, base, per_model, normalize=normalize, **{"lambda": 0.8})
+    ref = np_ties(xs, base, weights, densities, lam=0.8, normalize=normalize)
+    assert got.dtype == dtype
+    assert_close(got, ref, dtype)
+
+
+def test_ties_trim_keeps_at_least_one_entry():
+    # floor(0.01 * 37) = 0, mergekit keeps max(1, .) = 1: the largest
+    xs, base = models(1, 2, (37,))
+    got = run("ties", xs, base, [{"density": 0.01}])
+    tau = xs[0] - base
+    changed = np.flatnonzero(got != base)
+    assert changed.tolist() == [int(np.argmax(np.abs(tau)))]
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
+def test_ties_tie_breaking_on_small_tensor_is_index_order(density):
+    # 16 entries, magnitudes 1 or 2 only: the cut falls inside a group of equal magnitudes
+    base = np.zeros(16, np.float32)
+    x1 = np.array([1, -2, 1, -1, 2, 1, -1, 1, 2, -2, 1, 1, -1, 2, -1, 1], np.float32)
+    x2 = np.array([-1, 1, 2, 1, -1, -2, 1, 1, -1, 1, 2, -1, 1, 1, -2, 1], np.float32)
+    per_model = [{"weight": 1.0, "density": density}, {"weight": 2.0, "density": density}]
+    got = run("ties", [x1, x2], base, per_model)
+    ref = np_ties([x1, x2], base, [1.0, 2.0], [density, density])
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_ties_tie_breaking_on_large_tensor_follows_torch_argsort():
+    # beyond 16 entries torch's CPU sort is not stable: the reference uses torch.argsort itself
+    rng = np.random.default_rng(3)
+    n = 600
+    base = np.zeros(n, np.float32)
+    xs = [(rng.integers(1, 4, n) * rng.choice([-1, 1], n)).astype(np.float32) for _ in range(3)]
+    w32 = np.abs(xs[0])
+    k = math.floor(0.5 * n)
+    assert not np.array_equal(  # the test means something: index order would keep other entries
+        np.sort(order_desc(w32)[:k]), np.sort(np.argsort(-w32, kind="stable")[:k])
+    )
+    per_model = [{"weight": w, "density": 0.5} for w in (1.0, 0.5, 2.0)]
+    got = run("ties", xs, base, per_model)
+    np.testing.assert_array_equal(got, np_ties(xs, base, [1.0, 0.5, 2.0], [0.5] * 3).astype(np.float32))
+
+
+def test_ties_in_bfloat16_is_computed_in_bfloat16():
+    """The reference's bf16 rule, restated in torch ops: deltas, weights, vote and sums all in bf16."""
+    g = torch.Generator().manual_seed(27)
+    base = torch.randn(64, 33, generator=g).bfloat16()
+    xs = [(base.float() + 0.05 * torch.randn(64, 33, generator=g)).bfloat16() for _ in range(3)]
+    weights, densities = [1.0, 0.3, 0.7], [0.5, 0.2, 0.9]
+    trimmed = []
+    for x, d in zip(xs, densities):
+        tau = x - base
+        w32 = tau.abs().reshape(-1).float()
+        keep = torch.zeros(tau.numel(), dtype=tau.dtype)
+        keep[torch.argsort(w32, descending=True)[: int(d * tau.numel())]] = 1
+        trimmed.append(tau * keep.view(tau.shape))
+    u = torch.stack(trimmed) * torch.tensor(weights, dtype=torch.bfloat16).view(-1, 1, 1)
+    agree = u.sign() == (u.sum(0) >= 0).bfloat16() * 2 - 1
+    mixed = (u * agree).sum(0)
+    div = (torch.tensor(weights, dtype=torch.bfloat16).view(-1, 1, 1) * agree).sum(0)
+    div[div == 0] = 1
+    ref = base + (mixed / div) * 0.5
+    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    got = get_method("ties")(xs, base, models=per_model, **{"lambda": 0.5})
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+def test_trim_masks_equal_the_sort_on_tie_heavy_data():
+    """The radix-select fast path and the sort fallback both give exactly the sort's choice."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(1, 400, (1,), generator=g))
+        levels = [2, 5, 1000][trial % 3]
+        w = torch.randint(0, levels, (n,), generator=g).float() * 0.3
+        tau = w * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[torch.argsort(w, descending=True)[:k]] = True
+        assert torch.equal(largest_magnitudes(tau, k), ref)
+        lo = int(torch.randint(0, n, (1,), generator=g))
+        hi = int(torch.randint(lo, n + 1, (1,), generator=g))
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[torch.sort(w).indices[lo:hi]] = True
+        assert torch.equal(magnitude_window(tau, lo, hi), ref)
+
+
+def test_ties_unweighted_vote_is_the_papers():
+    # entry 0: weighted sum 1*3 + 4*(-1) < 0 elects -, unweighted 3 - 1 > 0 elects +
+    base = np.zeros(2, np.float64)
+    xs = [np.array([3.0, 1.0]), np.array([-1.0, 1.0])]
+    per_model = [{"weight": 1.0}, {"weight": 4.0}]
+    weighted = run("ties", xs, base, per_model)
+    unweighted = run("ties", xs, base, per_model, vote="unweighted")
+    assert weighted[0] == -1.0 and unweighted[0] == 3.0
+    np.testing.assert_allclose(weighted, np_ties(xs, base, [1, 4], [1, 1]))
+    np.testing.assert_allclose(unweighted, np_ties(xs, base, [1, 4], [1, 1], vote="unweighted"))
+
+
+def test_ties_unweighted_vote_matches_reference_with_trimming():
+    xs, base = models(3, 4, (8, 5), np.float64)
+    per_model = [{"weight": w, "density": 0.4} for w in (0.3, 1.0, 2.5)]
+    got = run("ties", xs, base, per_model, vote="unweighted", **{"lambda": 1.5})
+    ref = np_ties(xs, base, [0.3, 1.0, 2.5], [0.4] * 3, lam=1.5, vote="unweighted")
+    assert_close(got, ref, np.float64)
+
+
+def test_ties_divisor_zero_becomes_one():
+    # weights 1 and -1, both weighted deltas positive: both agree, D = 1 - 1 = 0 -> 1
+    base = np.zeros(1)
+    got = run("ties", [np.array([2.0]), np.array([-3.0])], base, [{"weight": 1.0}, {"weight": -1.0}])
+    np.testing.assert_array_equal(got, [5.0])
+
+
+def test_ties_global_trim_keeps_entries_above_the_given_threshold():
+    xs, base = models(2, 5, (40,), np.float64)
+    taus = np_task_vectors(xs, base)
+    thresholds = [float(np.quantile(np.abs(t), 0.6)) for t in taus]
+    per_model = [{"density": 0.4, "threshold": th} for th in thresholds]
+    got = run("ties", xs, base, per_model, trim="global")
+    trimmed = [np.where(np.abs(t).astype(np.float32) >= th, t, 0) for t, th in zip(taus, thresholds)]
+    ref = np_merge(base, trimmed, [1, 1], elect=True, normalize=True, lam=1.0)
+    assert_close(got, ref, np.float64)
+    with pytest.raises(ConfigError, match="threshold"):
+        run("ties", xs, base, [{"density": 0.4}] * 2, trim="global")
+    with pytest.raises(ConfigError, match="threshold"):
+        run("ties", xs, base, per_model)  # threshold without trim: global
+
+
+def test_ties_with_density_one_and_agreeing_signs_is_normalised_task_arithmetic():
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((5, 7)).astype(np.float32)
+    sign = rng.choice([-1.0, 1.0], base.shape).astype(np.float32)
+    xs = [base + sign * rng.uniform(0.1, 1.0, base.shape).astype(np.float32) for _ in range(3)]
+    per_model = [{"weight": w} for w in (0.5, 1.0, 2.0)]
+    got = run("ties", xs, base, per_model, **{"lambda": 0.9})
+    ta = run("task_arithmetic", xs, base, per_model, normalize=True, **{"lambda": 0.9})
+    ref = base + 0.9 * sum(w * (x - base) for w, x in zip((0.5, 1.0, 2.0), xs)) / 3.5
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, ta, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# invariants shared by several methods
+# ---------------------------------------------------------------------------------------------
+
+AVERAGING = [  # (method, per-model params, shared params): N identical fine-tunes give the fine-tune
+    ("ties", {"weight": 0.7}, {}),
+    ("ties", {"weight": 0.7}, {"vote": "unweighted"}),
+    ("dare_linear", {"weight": 0.7}, {"normalize": True}),
+    ("dare_ties", {"weight": 0.7}, {"normalize": True}),
+    ("breadcrumbs", {"weight": 0.7}, {"normalize": True}),
+    ("breadcrumbs_ties", {"weight": 0.7}, {"normalize": True}),
+    ("della", {"weight": 0.7}, {}),
+    ("della_linear", {"weight": 0.7}, {"normalize": True}),
+    ("sce", None, {}),
+    ("ram", None, {}),
+    ("ramplus_tl", None, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "per_model", "shared"), AVERAGING)
+def test_identical_fine_tunes_give_the_fine_tune(name, per_model, shared):
+    xs, base = models(1, 7, (6, 5), np.float64)
+    xs = xs * 3
+    got = run(name, xs, base, None if per_model is None else [per_model] * 3, seed=0, **shared)
+    np.testing.assert_allclose(got, xs[0], rtol=1e-12, atol=1e-12)
+
+
+WITH_LAMBDA = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("name", WITH_LAMBDA)
+def test_lambda_zero_gives_the_base(name):
+    xs, base = models(3, 8, (4, 6), np.float32)
+    per_model = [{"weight": 1.0, "density": 0.5}] * 3
+    got = run(name, xs, base, per_model, seed=1, **{"lambda": 0.0})
+    np.testing.assert_array_equal(got, base)
+
+
+ALL = [*WITH_LAMBDA, "sce", "ram", "ramplus_tl"]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (3, 2, 4), (0,), (3, 0)])
+def test_output_has_the_base_shape_and_dtype(name, dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g).to(dtype)
+    xs = [(base.float() + torch.randn(shape, generator=g)).to(dtype) for _ in range(2)]
+    per_model = None if name in ("sce", "ram", "ramplus_tl") else [{"density": 0.5}] * 2
+    out = get_method(name)(xs, base, models=per_model, generator=torch.Generator().manual_seed(0))
+    assert out.shape == base.shape and out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# DARE
+# ---------------------------------------------------------------------------------------------
+
+
+def dare_masks(xs, base, densities, seed):
+    """The masks the method draws: its own drop helper, same seed, no rescale (the mask is what is nonzero)."""
+    g = torch.Generator().manual_seed(seed)
+    taus = [torch.from_numpy(t) for t in np_task_vectors(xs, base)]
+    return [(drop_random(t, d, "none", g) != 0).numpy() for t, d in zip(taus, densities)]
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rescale", ["l1", "inverse_density", "none"])
+def test_dare_matches_reference_given_its_masks(name, dtype, shape, rescale):
+    xs, base = models(3, 9, shape, dtype)
+    weights, densities = [1.0, 0.5, 1.5], [0.3, 0.6, 0.9]
+    per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    got = run(name, xs, base, per_model, seed=11, rescale=rescale, **{"lambda": 1.2})
+    masks = dare_masks(xs, base, densities, 11)
+    taus = np_task_vectors(xs, base)
+    dropped = [np_rescale(t, t * m, rescale, d) for t, m, d in zip(taus, masks, densities)]
+    ref = np_merge(base, dropped, weights, elect=name == "dare_ties", normalize=False, lam=1.2)
+    assert_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_with_density_one_is_task_arithmetic_and_draws_nothing(name):
+    xs, base = models(3, 10, (5, 4), np.float64)
+    sign = np.sign(xs[0] - base)
+    xs = [base + sign * np.abs(x - base) for x in xs]  # agreeing signs, so the vote keeps all
+    per_model = [{"weight": w} for w in (0.5, 1.0, 2.0)]
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    got = get_method(name)(
+        [torch.from_numpy(x) for x in xs], torch.from_numpy(base), models=per_model, generator=g
+    ).numpy()
+    ta = run("task_arithmetic", xs, base, per_model)
+    np.testing.assert_allclose(got, ta, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g.get_state(), state)
+
+
+def test_normalize_without_vote_treats_a_vanishing_weight_sum_as_one():
+    base = np.zeros(2)
+    xs = [np.array([2.0, 1.0]), np.array([-3.0, 1.0])]
+    got = run("dare_linear", xs, base, [{"weight": 1.0}, {"weight": -1.0}], seed=0, normalize=True)
+    np.testing.assert_array_equal(got, [5.0, 0.0])
+
+
+def test_dare_inverse_density_rescale_is_unbiased():
+    # rows are independent draws of one task vector: each entry's mean over n rows must be
+    # within 5 sigma/sqrt(n) of tau, sigma = |tau| sqrt((1 - p) / p) the std of one draw
+    p, n = 0.3, 4000
+    tau = np.linspace(-2.0, 2.0, 33)
+    rows = np.tile(tau, (n, 1))
+    got = run("dare_linear", [rows], np.zeros_like(rows), [{"density": p}], seed=3, rescale="inverse_density")
+    sigma = np.abs(tau) * math.sqrt((1 - p) / p)
+    assert np.all(np.abs(got.mean(axis=0) - tau) <= 5 * sigma / math.sqrt(n) + 1e-12)
+    assert set(np.unique(np.round(got / np.where(tau == 0, 1, tau), 9))) <= {0.0, round(1 / p, 9)}
+    kept = (got != 0).mean(axis=0)[tau != 0]  # the keep rate is the density, within 5 binomial sigmas
+    assert np.all(np.abs(kept - p) <= 5 * math.sqrt(p * (1 - p) / n))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dare_l1_rescale_keeps_the_l1_norm(seed):
+    xs, base = models(1, 12, (50,), np.float64)
+    base = np.zeros_like(base)
+    got = run("dare_linear", xs, base, [{"density": 0.2}], seed=seed)
+    assert np.count_nonzero(got) < 25
+    np.testing.assert_allclose(np.abs(got).sum(), np.abs(xs[0]).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_same_seed_same_bytes_other_seed_other_bytes(name):
+    xs, base = models(2, 13, (16, 16), np.float32)
+    per_model = [{"density": 0.5, "weight": 1.0}] * 2
+    a = run(name, xs, base, per_model, seed=42)
+    b = run(name, xs, base, per_model, seed=42)
+    c = run(name, xs, base, per_model, seed=43)
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != c.tobytes()
+
+
+def test_rescale_accepts_mergekit_booleans():
+    xs, base = models(1, 14, (30,), np.float64)
+    per_model = [{"density": 0.5}]
+    for flag, mode in [(True, "l1"), (False, "none")]:
+        a = run("dare_linear", xs, base, per_model, seed=1, rescale=flag)
+        b = run("dare_linear", xs, base, per_model, seed=1, rescale=mode)
+        assert a.tobytes() == b.tobytes()
+    assert get_method("dare_ties").check_shared({"rescale": True}).rescale == "l1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Breadcrumbs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37,), (6, 9), (200,)])
+def test_breadcrumbs_matches_reference(name, dtype, shape):
+    xs, base = models(3, 15, shape, dtype)
+    weights, densities, gammas = [1.0, 0.6, 1.4], [0.5, 0.9, 0.3], [0.1, 0.2, 0.01]
+    per_model = [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(weights, densities, gammas)]
+    got = run(name, xs, base, per_model, **{"lambda": 0.7})
+    crumbs = [np_breadcrumb(t, d, g) for t, d, g in zip(np_task_vectors(xs, base), densities, gammas)]
+    ref = np_merge(base, crumbs, weights, elect=name == "breadcrumbs_ties", normalize=False, lam=0.7)
+    assert_close(got, ref, dtype)
+
+
+def test_breadcrumbs_window_with_ties_and_clipped_top():
+    # 16 entries, magnitudes 1..4 repeated; d = 0.5, gamma = 0.25: drop 4 top, 4 bottom, keep 8
+    base = np.zeros(16, np.float32)
+    x = np.array([1, 2, 3, 4, 4, 3, 2, 1, 1, 2, 3, 4, 4, 3, 2, 1], np.float32)
+    got = run("breadcrumbs", [x], base, [{"density": 0.5, "gamma": 0.25}])
+    np.testing.assert_array_equal(got, np_breadcrumb(x, 0.5, 0.25))
+    np.testing.assert_array_equal(got, np.where((x == 2) | (x == 3), x, 0))
+    # gamma + density > 1: only the top 1 - density goes, nothing at the bottom; the cut
+    # falls inside the 3s, and (16 entries: insertion sort, stable) the first three stay
+    got = run("breadcrumbs", [x], base, [{"density": 11 / 16, "gamma": 0.5}])
+    np.testing.assert_array_equal(got, np_breadcrumb(x, 11 / 16, 0.5))
+    assert np.count_nonzero(got) == 11 and np.flatnonzero(got == 3).tolist() == [2, 5, 10]
+    # density 1 keeps everything, outliers included
+    np.testing.assert_array_equal(run("breadcrumbs", [x], base, [{"density": 1.0, "gamma": 0.5}]), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# DELLA
+# ---------------------------------------------------------------------------------------------
+
+
+def np_della_probs(tau, density, eps):
+    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau
+    n = rows.shape[1]
+    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+    return ((density - eps) + 2 * eps * ranks / (n - 1)).reshape(tau.shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_della_keep_probabilities_follow_the_magnitude_rank_per_row(shape):
+    xs, base = models(1, 16, shape, np.float64)
+    tau = xs[0] - base
+    got = rank_keep_probabilities(torch.from_numpy(tau), 0.5, 0.2).numpy()
+    np.testing.assert_allclose(got, np_della_probs(tau, 0.5, 0.2), rtol=1e-6)
+    rows = got.reshape(1, -1) if got.ndim < 2 else got
+    np.testing.assert_allclose(rows.min(axis=1), 0.3, rtol=1e-6)
+    np.testing.assert_allclose(rows.max(axis=1), 0.7, rtol=1e-6)
+
+
+def test_della_keep_rate_per_rank_matches_its_probability():
+    p, eps, n = 0.5, 0.3, 4000
+    tau = np.arange(1.0, 12.0)  # ranks 1..11, probabilities 0.2 .. 0.8
+    rows = np.tile(tau, (n, 1))  # one row per draw
+    got = run(
+        "della_linear", [rows], np.zeros_like(rows), [{"density": p, "epsilon": eps}], seed=4, rescale="none"
+    )
+    probs = (p - eps) + 2 * eps * np.arange(11) / 10
+    kept = (got != 0).mean(axis=0)
+    assert np.all(np.abs(kept - probs) <= 5 * np.sqrt(probs * (1 - probs) / n))
+
+
+def test_della_inverse_probability_rescale_is_unbiased():
+    p, eps, n = 0.4, 0.25, 4000
+    tau = np.linspace(0.5, 3.0, 9) * np.array([1, -1] * 4 + [1])
+    rows = np.tile(tau, (n, 1))
+    got = run(
+        "della_linear",
+        [rows],
+        np.zeros_like(rows),
+        [{"density": p, "epsilon": eps}],
+        seed=5,
+        rescale="inverse_density",
+    )
+    probs = np_della_probs(tau, p, eps)
+    sigma = np.abs(tau) * np.sqrt((1 - probs) / probs)
+    assert np.all(np.abs(got.mean(axis=0) - tau) <= 5 * sigma / math.sqrt(n))
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_della_matches_reference_given_its_masks(name, dtype, shape):
+    xs, base = models(3, 17, shape, dtype)
+    weights, densities, epsilons = [1.0, 0.5, 2.0], [0.5, 0.4, 0.7], [0.2, 0.1, 0.15]
+    per_model = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]
+    got = run(name, xs, base, per_model, seed=21, **{"lambda": 0.9})
+    g = torch.Generator().manual_seed(21)
+    taus = np_task_vectors(xs, base)
+    masks = [
+        (drop_by_rank(torch.from_numpy(t), d, e, "none", g) != 0).numpy()
+        for t, d, e in zip(taus, densities, epsilons)
+    ]
+    pruned = [np_rescale(t, t * m, "l1", None) for t, m in zip(taus, masks)]
+    ref = np_merge(base, pruned, weights, elect=name == "della", normalize=name == "della", lam=0.9)
+    assert_close(got, ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# SCE and RAM
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.1])
+def test_sce_matches_reference(dtype, shape, topk):
+    xs, base = models(3, 18, shape, dtype)
+    got = run("sce", xs, base, select_topk=topk)
+    assert_close(got, np_sce(xs, base, topk), dtype)
+
+
+def test_sce_selection_on_identical_models_selects_nothing():
+    # mergekit counts k among the entries of non-zero variance: identical task vectors have
+    # none, so with select_topk < 1 every entry is zeroed and the base comes back
+    xs, base = models(1, 26, (6, 5), np.float64)
+    np.testing.assert_array_equal(run("sce", xs * 3, base, select_topk=0.5), base)
+    np.testing.assert_allclose(run("sce", xs * 3, base), xs[0], rtol=1e-12, atol=1e-12)
+
+
+def sparse_models(n, seed, shape, dtype=np.float64):
+    """RL-style task vectors: most entries unchanged, some below epsilon, some shared."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(dtype)
+    xs = []
+    for _ in range(n):
+        delta = rng.standard_normal(shape) * (rng.random(shape) < 0.3)
+        delta += 1e-7 * (rng.random(shape) < 0.2)  # within epsilon: counts as unchanged
+        xs.append((base + delta).astype(dtype))
+    return xs, base
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ram_matches_reference(dtype, shape):
+    xs, base = sparse_models(3, 19, shape, dtype)
+    assert_close(run("ram", xs, base), np_ram(xs, base, 1e-5), dtype)
+    assert_close(run("ram", xs, base, epsilon=0.5), np_ram(xs, base, 0.5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ramplus_tl_matches_reference(dtype, shape):
+    xs, base = sparse_models(3, 20, shape, dtype)
+    assert_close(run("ramplus_tl", xs, base), np_ram(xs, base, 1e-5, plus=(0.1, 0.2)), dtype)
+    got = run("ramplus_tl", xs, base, r=0.5, alpha=2.0, epsilon=1e-3)
+    assert_close(got, np_ram(xs, base, 1e-3, plus=(0.5, 2.0)), dtype)
+
+
+def test_ram_keeps_unique_updates_and_averages_shared_ones():
+    base = np.zeros(4)
+    xs = [np.array([2.0, 4.0, 0.0, 1e-9]), np.array([0.0, 2.0, 0.0, 0.0])]
+    np.testing.assert_array_equal(run("ram", xs, base), [2.0, 3.0, 0.0, 0.0])
+    # model 0 changed 2 entries: 1 shared, 1 unique, rho = 1, clipped to alpha: scale 1 + 0.1 * 0.2
+    np.testing.assert_allclose(run("ramplus_tl", xs, base), [2.0 * 1.02, 3.0, 0.0, 0.0])
+    # a change of exactly epsilon counts as unchanged
+    np.testing.assert_array_equal(run("ram", [np.array([0.5, 0.75])], np.zeros(2), epsilon=0.5), [0.0, 0.75])
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults and bad parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_mergekits():
+    shared = {  # the lambda field is lambda_ in Python, lambda in recipes
+        name: {k.rstrip("_"): v for k, v in get_method(name).shared_defaults().items()} for name in ALL
+    }
+    per_model = {name: get_method(name).per_model_defaults() for name in ALL}
+    assert shared["ties"] == {
+        "lambda": 1.0,
+        "normalize": True,
+        "rescale": "none",
+        "vote": "weighted",
+        "trim": "tensor",
+    }
+    for name in ("dare_linear", "dare_ties"):
+        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
+    for name in ("breadcrumbs", "breadcrumbs_ties"):
+        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "none"}
+        assert per_model[name] == {"weight": 1.0, "density": 1.0, "gamma": 0.01}
+    assert shared["della"] == {"lambda": 1.0, "normalize": True, "rescale": "l1"}
+    assert shared["della_linear"] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
+    assert per_model["della"] == {"weight": 1.0, "density": 1.0, "epsilon": 0.15}
+    assert shared["sce"] == {"select_topk": 1.0} and per_model["sce"] == {}
+    assert shared["ram"] == {"epsilon": 1e-5}
+    assert shared["ramplus_tl"] == {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}
+    assert all(get_method(n).base == "required" for n in ALL)
+    assert {n for n in ALL if get_method(n).randomized} == {
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+    }
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs", "della"])
+@pytest.mark.parametrize("density", [0, 1.5, -0.2])
+def test_density_outside_0_1_is_refused(name, density):
+    xs, base = models(2, 22, (4,))
+    with pytest.raises(ConfigError, match=r"model 1 parameters: density"):
+        run(name, xs, base, [{"density": 0.5}, {"density": density}], seed=0)
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.2, 0.3), (0.9, 0.1), (0.5, 0.5)])
+def test_della_epsilon_must_keep_probabilities_in_0_1(density, epsilon):
+    xs, base = models(1, 23, (4,))
+    with pytest.raises(ConfigError, match=rf"density={density}, epsilon={epsilon}"):
+        run("della", xs, base, [{"density": density, "epsilon": epsilon}], seed=0)
+    tau = torch.from_numpy(xs[0] - base)
+    with pytest.raises(ConfigError, match="epsilon"):  # the plain function checks too
+        della_mod.della(
+            [tau],
+            torch.zeros_like(tau),
+            weight=[1.0],
+            density=[density],
+            epsilon=[epsilon],
+            lambda_=1.0,
+            normalize=True,
+            rescale="l1",
+            generator=None,
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "per_model", "shared", "field"),
+    [
+        ("ties", {"densty": 0.5}, {}, "densty"),
+        ("ties", {}, {"vote": "majority"}, "vote"),
+        ("ties", {}, {"trim": "layer"}, "trim"),
+        ("dare_linear", {}, {"rescale": "l3"}, "rescale"),
+        ("dare_linear", {"gamma": 0.1}, {}, "gamma"),
+        ("breadcrumbs", {"gamma": 1.5}, {}, "gamma"),
+        ("della", {"epsilon": -0.1}, {}, "epsilon"),
+        ("sce", None, {"select_topk": 0.0}, "select_topk"),
+        ("sce", {"weight": 1.0}, {}, "weight"),
+        ("ram", None, {"lambda": 1.0}, "lambda"),
+        ("ramplus_tl", None, {"alpha": -1.0}, "alpha"),
+    ],
+)
+def test_bad_parameters_name_the_field(name, per_model, shared, field):
+    xs, base = models(1, 24, (4,))
+    with pytest.raises(ConfigError, match=field):
+        run(name, xs, base, None if per_model is None else [per_model], seed=0, **shared)
+
+
+def test_shape_mismatch_is_a_config_error():
+    _, base = models(1, 25, (4,))
+    with pytest.raises(ConfigError, match=r"shape \(5,\).*\(4,\)"):
+        run("ties", [np.zeros(5, np.float32)], base)
