@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from modelfuse._memory import bound_malloc
 from modelfuse.errors import FusionError
 from modelfuse.io import CheckpointWriter
 from modelfuse.merge.plan import MergePlan, TensorTask
@@ -69,8 +70,13 @@ def compute(
         out = task.method(xs, base, models=task.per_model, generator=generator, **task.shared)
     except FusionError as exc:
         raise type(exc)(f"tensor {task.out!r}: {exc}") from None
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
+    # one reduction first: a NaN or inf anywhere makes the sum non-finite (an overflowing sum of
+    # finite values is told apart by the exact check)
+    if (
+        out.is_floating_point()
+        and not bool(torch.isfinite(out.sum()))
+        and (bad := int((~torch.isfinite(out)).sum()))
+    ):
         raise MergeComputeError(
             f"merge method {task.method.name!r} gave {bad} non-finite value(s) for tensor {task.out!r} "
             f"(parameters: {task.shared or {}}, per model: {task.per_model}); check the inputs for "
@@ -105,6 +111,7 @@ def global_trim_thresholds(plan: MergePlan, bins: int = 4096) -> list[float]:
     for task, i, mag in deltas():
         keep[i] += max(0, int(task.per_model[i].get("density", 1.0) * mag.numel()))
         top[i] = max(top[i], float(mag.max()) if mag.numel() else 0.0)
+
     def bin_of(mag: torch.Tensor, i: int) -> torch.Tensor:
         return (mag.double() * (bins / top[i])).floor().clamp_(max=bins - 1).long()
 
@@ -153,6 +160,7 @@ def run_tasks(
     Reads for the next tasks run on ``threads`` threads while the current one computes,
     up to ``read_ahead_bytes`` of inputs in flight (always at least one task ahead).
     """
+    bound_malloc()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         from modelfuse.errors import ConfigError
@@ -168,29 +176,38 @@ def run_tasks(
 
     with (
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelfuse-write") as writer,
         progress_bar("merge", total=plan.nbytes, unit="bytes", show=progress) as bar,
     ):
+        writes: deque[Future] = deque()  # results being handed to the sink, oldest first
         pending: deque[tuple[TensorTask, Future, int]] = deque()
-        in_flight = 0
+        held = 0  # input bytes loaded or loading, the task being computed included
         nxt = 0
         try:
             for _ in range(len(tasks)):
-                while nxt < len(tasks) and (
-                    not pending or in_flight + input_bytes(tasks[nxt]) <= read_ahead_bytes
-                ):
+                # read ahead within the budget; a task bigger than the budget is read alone
+                while nxt < len(tasks) and (held == 0 or held + input_bytes(tasks[nxt]) <= read_ahead_bytes):
                     size = input_bytes(tasks[nxt])
                     pending.append((tasks[nxt], pool.submit(_load, plan, tasks[nxt]), size))
-                    in_flight += size
+                    held += size
                     nxt += 1
                 task, future, size = pending.popleft()
                 inputs = future.result()
-                in_flight -= size
                 result = compute(task, inputs, seed, dev)
                 del inputs
-                sink(task.out, result)
+                held -= size
+                # the sink (a file write) runs beside the next compute; two results at most in flight
+                while len(writes) >= 2:
+                    writes.popleft().result()
+                writes.append(writer.submit(sink, task.out, result))
+                del result
                 bar.advance(task.nbytes)
+            while writes:
+                writes.popleft().result()
         finally:
             for _, future, _ in pending:
+                future.cancel()
+            for future in writes:
                 future.cancel()
 
 

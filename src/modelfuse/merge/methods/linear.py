@@ -38,9 +38,11 @@ def linear(
     """
     acc = accumulation_dtype(xs[0].dtype)
     w = torch.tensor(weight, dtype=torch.float32).to(acc)
-    out = torch.zeros(xs[0].shape, dtype=acc, device=xs[0].device)
-    for wi, x in zip(w, xs):
-        out += wi * x.to(acc)
+    out = torch.mul(xs[0].to(acc), w[0])
+    term = torch.empty_like(out) if len(xs) > 1 else out
+    for wi, x in zip(w[1:], xs[1:]):
+        torch.mul(x.to(acc), wi, out=term)  # w_i x_i rounded, then summed: mergekit's order
+        out.add_(term)
     if normalize:
-        out /= w.sum()
+        out.div_(w.sum())
     return out.to(xs[0].dtype)

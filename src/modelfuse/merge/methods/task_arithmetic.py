@@ -32,9 +32,12 @@ def task_arithmetic(
     dtype = base.dtype
     w = torch.tensor(weight, dtype=dtype, device=base.device)
     total = torch.zeros_like(base)
+    tau = torch.empty_like(base)
     for wi, x in zip(w, xs):
-        total += wi * (x.to(dtype) - base)
+        torch.sub(x.to(dtype), base, out=tau)
+        tau.mul_(wi)  # w_i tau_i rounded, then summed: mergekit's order
+        total.add_(tau)
     if normalize:
         div = w.sum()
         total /= div if div.abs() >= 1e-8 else torch.ones_like(div)
-    return base + lambda_ * total
+    return total.mul_(lambda_).add_(base)
