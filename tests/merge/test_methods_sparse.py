@@ -662,11 +662,12 @@ def test_defaults_are_mergekits():
         "rescale": "none",
         "vote": "weighted",
         "trim": "tensor",
+        "tie_break": "sort",
     }
     for name in ("dare_linear", "dare_ties"):
         assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
     for name in ("breadcrumbs", "breadcrumbs_ties"):
-        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "none"}
+        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "none", "tie_break": "sort"}
         assert per_model[name] == {"weight": 1.0, "density": 1.0, "gamma": 0.01}
     assert shared["della"] == {"lambda": 1.0, "normalize": True, "rescale": "l1"}
     assert shared["della_linear"] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
@@ -737,3 +738,41 @@ def test_shape_mismatch_is_a_config_error():
     _, base = models(1, 25, (4,))
     with pytest.raises(ConfigError, match=r"shape \(5,\).*\(4,\)"):
         run("ties", [np.zeros(5, np.float32)], base)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_index_tie_break_is_a_stable_sort(seed):
+    """tie_break="index" keeps what NumPy's stable argsort keeps, on tie-heavy magnitudes."""
+    from modelfuse.merge.methods._sparsify import largest_magnitudes, magnitude_window
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    mags = rng.integers(0, 5, size=n).astype(np.float32) * 0.25
+    tau = torch.tensor(mags * np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32))
+    k = int(rng.integers(0, n + 1))
+    want = np.zeros(n, bool)
+    want[np.argsort(-mags, kind="stable")[:k]] = True
+    np.testing.assert_array_equal(largest_magnitudes(tau, k, "index").numpy(), want)
+    lo = int(rng.integers(0, n))
+    hi = int(rng.integers(lo, n + 1))
+    want = np.zeros(n, bool)
+    want[np.argsort(mags, kind="stable")[lo:hi]] = True
+    np.testing.assert_array_equal(magnitude_window(tau, lo, hi, "index").numpy(), want)
+
+
+def test_index_tie_break_changes_only_equal_magnitudes_at_the_cut():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 64, generator=g)
+    xs = [base + torch.randint(-3, 4, (64, 64), generator=g).float() * 0.125 for _ in range(3)]
+    a = get_method("ties")(xs, base, models=[{"density": 0.3}] * 3)
+    b = get_method("ties")(xs, base, models=[{"density": 0.3}] * 3, tie_break="index")
+    differ = a != b
+    assert differ.any()  # the magnitudes are on a grid: the k-th value is shared by many entries
+    cuts = []
+    for x in xs:
+        mags = (x - base).abs().flatten()
+        cuts.append(mags.sort(descending=True).values[int(0.3 * mags.numel()) - 1])
+    at_cut = torch.zeros_like(differ)
+    for x, cut in zip(xs, cuts):
+        at_cut |= (x - base).abs() == cut
+    assert not (differ & ~at_cut).any()

@@ -118,8 +118,22 @@ def order_statistics(w: torch.Tensor, ranks: Sequence[int]) -> list[tuple[torch.
     return out
 
 
-def largest_magnitudes(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest |tau| (float32), ties as ``argsort(descending=True)[:k]``."""
+#: how equal magnitudes at a cut are ordered: "sort" as torch's (unstable) sort orders them,
+#: mergekit's exact semantics; "index" by position (a stable sort), decided in linear time
+TieBreak = Literal["sort", "index"]
+
+
+def _first_equal(w: torch.Tensor, value: torch.Tensor, count: int, from_end: bool = False) -> torch.Tensor:
+    """Positions of the first (or last) ``count`` entries of ``w`` equal to ``value``, by index."""
+    where = torch.nonzero(w == value).reshape(-1)
+    return where[where.numel() - count :] if from_end else where[:count]
+
+
+def largest_magnitudes(tau: torch.Tensor, k: int, tie_break: str = "sort") -> torch.Tensor:
+    """Boolean mask of the ``k`` largest |tau| (float32), ties as ``argsort(descending=True)[:k]``.
+
+    ``tie_break="index"`` keeps the lowest positions among magnitudes equal to the k-th largest.
+    """
     w = magnitudes(tau)
     n = w.numel()
     if k >= n:
@@ -129,14 +143,48 @@ def largest_magnitudes(tau: torch.Tensor, k: int) -> torch.Tensor:
     ((kth, n_less, _),) = order_statistics(w, [n - k])
     if n_less == n - k:  # every entry equal to the k-th largest fits: the cut is unambiguous
         keep = w >= kth
+    elif tie_break == "index":  # a stable descending order keeps the first equal ones
+        keep = w > kth
+        keep[_first_equal(w, kth, k - int(keep.sum()))] = True
     else:  # equal magnitudes straddle the cut: the (unstable) sort decides which stay
         keep = torch.zeros_like(w, dtype=torch.bool)
         keep[torch.argsort(w, descending=True)[:k]] = True
     return keep.view(tau.shape)
 
 
-def magnitude_window(tau: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Boolean mask of positions ``[lo, hi)`` of |tau| (float32) sorted ascending by ``torch.sort``."""
+def _stable_window(w: torch.Tensor, lo: int, hi: int, stats: dict) -> torch.Tensor:
+    """Entries whose rank in the stable ascending order of ``w`` lies in ``[lo, hi)``.
+
+    ``stats[r]`` = (value, #less, #equal) at rank r, for r = lo (if lo > 0) and hi - 1 (if hi < n).
+    An entry equal to a cut value v with #less = c has rank c + j, j its order among equals.
+    """
+    keep = torch.ones_like(w, dtype=torch.bool)
+    low = stats[lo] if lo > 0 else None
+    high = stats[hi - 1] if hi < w.numel() else None
+    if low is not None:
+        keep &= w > low[0]
+    if high is not None:
+        keep &= w < high[0]
+
+    def add_equal(value: torch.Tensor, less: int, stop: int | None) -> None:
+        where = torch.nonzero(w == value).reshape(-1)
+        keep[where[max(lo - less, 0) : None if stop is None else max(stop - less, 0)]] = True
+
+    if low is not None and high is not None and bool(low[0] == high[0]):
+        add_equal(low[0], low[1], hi)
+    else:
+        if low is not None:
+            add_equal(low[0], low[1], hi)
+        if high is not None:
+            add_equal(high[0], high[1], hi)
+    return keep
+
+
+def magnitude_window(tau: torch.Tensor, lo: int, hi: int, tie_break: str = "sort") -> torch.Tensor:
+    """Boolean mask of positions ``[lo, hi)`` of |tau| (float32) sorted ascending by ``torch.sort``.
+
+    ``tie_break="index"`` orders equal magnitudes by position (a stable ascending sort).
+    """
     w = magnitudes(tau)
     n = w.numel()
     lo, hi = max(lo, 0), min(hi, n)
@@ -156,6 +204,8 @@ def magnitude_window(tau: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         high, n_less, n_equal = stats[hi - 1]
         exact &= n_less + n_equal == hi
         keep = w <= high if keep is None else keep & (w <= high)
+    if not exact and tie_break == "index":  # stable order: equal values ranked by position
+        return _stable_window(w, lo, hi, stats).view(tau.shape)
     if not exact or keep is None:  # equal magnitudes straddle a cut: the sort decides
         keep = torch.zeros_like(w, dtype=torch.bool)
         keep[torch.sort(w).indices[lo:hi]] = True
@@ -184,12 +234,14 @@ def masked_rescaled(
     return masked * (before / after)
 
 
-def trim_top_k(tau: torch.Tensor, density: float, rescale: str = "none") -> torch.Tensor:
+def trim_top_k(
+    tau: torch.Tensor, density: float, rescale: str = "none", tie_break: str = "sort"
+) -> torch.Tensor:
     """TIES trim: keep the k = max(1, floor(density * n)) largest |tau| (all of it at density 1)."""
     if density >= 1:
         return tau
     k = max(1, int(density * tau.numel()))
-    return masked_rescaled(tau, largest_magnitudes(tau, k), rescale, density)
+    return masked_rescaled(tau, largest_magnitudes(tau, k, tie_break), rescale, density)
 
 
 def trim_threshold(
@@ -200,7 +252,9 @@ def trim_threshold(
     return masked_rescaled(tau, keep, rescale, density)
 
 
-def trim_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: str = "none") -> torch.Tensor:
+def trim_outliers(
+    tau: torch.Tensor, density: float, gamma: float, rescale: str = "none", tie_break: str = "sort"
+) -> torch.Tensor:
     """Breadcrumbs trim: drop the top floor(gamma n) and enough of the bottom to keep floor(density n).
 
     Sorted ascending, positions [n_bot, n_bot + target) stay, with target = floor(d n),
@@ -212,7 +266,7 @@ def trim_outliers(tau: torch.Tensor, density: float, gamma: float, rescale: str 
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    return masked_rescaled(tau, magnitude_window(tau, n_bot, n_bot + target), rescale, density)
+    return masked_rescaled(tau, magnitude_window(tau, n_bot, n_bot + target, tie_break), rescale, density)
 
 
 def drop_random(

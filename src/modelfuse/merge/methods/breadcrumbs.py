@@ -8,6 +8,7 @@ from pydantic import Field
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
     Rescale,
+    TieBreak,
     WeightDensity,
     merge_deltas,
     sparsified_stack,
@@ -28,12 +29,20 @@ class BreadcrumbsShared(Params):
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = False
     rescale: Rescale = "none"
+    tie_break: TieBreak = "sort"
 
 
 def _trimmed(
-    xs: list[torch.Tensor], base: torch.Tensor, density: list[float], gamma: list[float], rescale: str
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    density: list[float],
+    gamma: list[float],
+    rescale: str,
+    tie_break: str,
 ) -> torch.Tensor:
-    return sparsified_stack(xs, base, lambda i, tau: trim_outliers(tau, density[i], gamma[i], rescale))
+    return sparsified_stack(
+        xs, base, lambda i, tau: trim_outliers(tau, density[i], gamma[i], rescale, tie_break)
+    )
 
 
 @merge_method(
@@ -49,6 +58,7 @@ def breadcrumbs(
     lambda_: float,
     normalize: bool,
     rescale: str,
+    tie_break: str,
 ) -> torch.Tensor:
     """Breadcrumbs: y = base + lambda * sum_i w_i crumbs_i (``normalize``: / sum_i w_i).
 
@@ -62,7 +72,7 @@ def breadcrumbs(
     positions as ``[n_bot:-n_top]``, which keeps nothing when n_top = 0, i.e. gamma n < 1;
     this follows the formula above instead.)
     """
-    crumbs = _trimmed(xs, base, density, gamma, rescale)
+    crumbs = _trimmed(xs, base, density, gamma, rescale, tie_break)
     return merge_deltas(base, crumbs, weight, elect=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -83,6 +93,7 @@ def breadcrumbs_ties(
     lambda_: float,
     normalize: bool,
     rescale: str,
+    tie_break: str,
 ) -> torch.Tensor:
     """Breadcrumbs masks, then TIES' sign election: y = base + lambda * sum_i m_i w_i crumbs_i.
 
@@ -90,5 +101,5 @@ def breadcrumbs_ties(
     -1, m_i = [sign(u_i) == s]. No division by default (mergekit); ``normalize=True``
     divides by sum_i m_i w_i (0 becomes 1).
     """
-    crumbs = _trimmed(xs, base, density, gamma, rescale)
+    crumbs = _trimmed(xs, base, density, gamma, rescale, tie_break)
     return merge_deltas(base, crumbs, weight, elect=True, normalize=normalize, lambda_=lambda_)

@@ -11,6 +11,7 @@ from modelfuse.errors import ConfigError
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
     Rescale,
+    TieBreak,
     WeightDensity,
     merge_deltas,
     sparsified_stack,
@@ -29,6 +30,7 @@ class TiesShared(Params):
     rescale: Rescale = "none"
     vote: Literal["weighted", "unweighted"] = "weighted"
     trim: Literal["tensor", "global"] = "tensor"
+    tie_break: TieBreak = "sort"
 
 
 @merge_method(
@@ -51,6 +53,7 @@ def ties(
     rescale: str,
     vote: str,
     trim: str,
+    tie_break: str,
 ) -> torch.Tensor:
     """TIES: y = base + lambda * sum_i m_i u_i / sum_i m_i w_i over trimmed, sign-agreeing deltas.
 
@@ -89,6 +92,6 @@ def ties(
             raise ConfigError(
                 "ties: per-model 'threshold' is only used with trim: global; remove it or set trim: global"
             )
-        trimmed = sparsified_stack(xs, base, lambda i, tau: trim_top_k(tau, density[i], rescale))
+        trimmed = sparsified_stack(xs, base, lambda i, tau: trim_top_k(tau, density[i], rescale, tie_break))
     votes = trimmed.clone() if vote == "unweighted" else None
     return merge_deltas(base, trimmed, weight, elect=True, normalize=normalize, lambda_=lambda_, votes=votes)
