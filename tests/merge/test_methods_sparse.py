@@ -776,3 +776,16 @@ def test_index_tie_break_changes_only_equal_magnitudes_at_the_cut():
     for x, cut in zip(xs, cuts):
         at_cut |= (x - base).abs() == cut
     assert not (differ & ~at_cut).any()
+
+
+@pytest.mark.parametrize("elect", [True, False])
+def test_blockwise_merge_equals_whole_tensor_merge(elect):
+    from modelfuse.merge.methods._sparsify import merge_deltas
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(13, 11, generator=g)
+    deltas = torch.randn(3, 13, 11, generator=g) * (torch.rand(3, 13, 11, generator=g) < 0.5)
+    kw = dict(elect=elect, normalize=True, lambda_=0.7)
+    whole = merge_deltas(base, deltas.clone(), [0.5, 1.0, 2.0], block=10**9, **kw)
+    blocks = merge_deltas(base, deltas.clone(), [0.5, 1.0, 2.0], block=7, **kw)
+    assert torch.equal(whole, blocks)

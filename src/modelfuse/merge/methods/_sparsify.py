@@ -335,6 +335,7 @@ def merge_deltas(
     normalize: bool,
     lambda_: float,
     votes: torch.Tensor | None = None,
+    block: int = 1 << 21,
 ) -> torch.Tensor:
     """y = base + lambda * sum_i m_i w_i delta_i [/ D], all in the base dtype (mergekit's GTA step).
 
@@ -344,8 +345,38 @@ def merge_deltas(
     default the weighted deltas u_i = w_i delta_i; ``votes`` stacks others, e.g. the
     unweighted deltas), m_i = [sign(v_i) == s] (zeros never agree), D = sum_i m_i w_i
     (D == 0 becomes 1). ``normalize`` divides by D; lambda multiplies last. The operations
-    are mergekit's, in its order, so results match it bit for bit.
+    are mergekit's, in its order, so results match it bit for bit. Every step is
+    elementwise across models, so it runs on ``block`` entries at a time: the temporaries
+    of a large tensor (signs, agreement masks, sums) stay a few MiB.
     """
+    out = torch.empty_like(base)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_deltas = deltas.reshape(deltas.shape[0], -1)
+    flat_votes = votes.reshape(votes.shape[0], -1) if votes is not None else None
+    for a in range(0, max(flat_base.numel(), 1), block):
+        z = slice(a, a + block)
+        flat_out[z] = _merge_block(
+            flat_base[z],
+            flat_deltas[:, z],
+            weight,
+            elect=elect,
+            normalize=normalize,
+            lambda_=lambda_,
+            votes=flat_votes[:, z] if flat_votes is not None else None,
+        )
+    return out
+
+
+def _merge_block(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weight: Sequence[float],
+    *,
+    elect: bool,
+    normalize: bool,
+    lambda_: float,
+    votes: torch.Tensor | None,
+) -> torch.Tensor:
     dtype = base.dtype
     weighted = deltas.to(dtype)
     w = torch.tensor(list(weight), dtype=dtype, device=base.device).view(-1, *([1] * base.dim()))
