@@ -41,19 +41,29 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
     (1-t) a + t b. Computed in float64 (fine-tunes of one base sit at cos ~ 0.999, where
     float32 angles lose digits) and cast back to the base tensor's dtype.
     """
-    a = base.to(torch.float64).reshape(-1)
-    b = xs[0].to(torch.float64).reshape(-1)
-    na, nb = a.norm().item(), b.norm().item()
-    ua = a / na if na > NORM_EPS else a
-    ub = b / nb if nb > NORM_EPS else b
-    cos = min(1.0, max(-1.0, torch.dot(ua, ub).item()))
+    a, b = base.reshape(-1), xs[0].reshape(-1)
+    # float64 sums over blocks of 2M entries: the digits of a float64 computation, a few MiB
+    # of temporaries however large the tensor
+    blocks = [slice(i, i + (1 << 21)) for i in range(0, max(a.numel(), 1), 1 << 21)]
+    aa = bb = ab = 0.0
+    for z in blocks:
+        a64, b64 = a[z].double(), b[z].double()
+        aa += float(torch.dot(a64, a64))
+        bb += float(torch.dot(b64, b64))
+        ab += float(torch.dot(a64, b64))
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    cos = min(1.0, max(-1.0, ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))))
     if abs(cos) > DOT_THRESHOLD:
-        out = (1.0 - t) * a + t * b
+        ca, cb = 1.0 - t, t
     else:
         theta = math.acos(cos)
         sin_theta = math.sin(theta)
-        out = (math.sin(theta - t * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
-    return out.reshape(base.shape).to(base.dtype)
+        ca, cb = math.sin(theta - t * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    out = torch.empty_like(base)
+    flat = out.view(-1)
+    for z in blocks:
+        flat[z] = (ca * a[z].double() + cb * b[z].double()).to(base.dtype)
+    return out
 
 
 class NuSlerpShared(Params):
