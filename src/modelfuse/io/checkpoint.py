@@ -23,10 +23,8 @@ from modelfuse.errors import CheckpointError
 from modelfuse.io._safetensors import Header, read_header
 from modelfuse.io._torchfile import load_tensors, tensors_from_object
 
-#: files that sit beside weights in a model folder but are not weights
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
+#: tokenizer files of a Hugging Face model folder
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -38,8 +36,11 @@ AUX_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
     "chat_template.jinja",
-    "preprocessor_config.json",
 )
+#: configuration files beside the weights (config.json itself aside)
+CONFIG_FILES = ("generation_config.json", "preprocessor_config.json")
+#: files that sit beside weights in a model folder but are not weights
+AUX_FILES = ("config.json", *CONFIG_FILES, *TOKENIZER_FILES)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 #: pickles that Hugging Face / Lightning trainers leave in checkpoint folders beside the weights
 _TRAINING_FILES = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"})

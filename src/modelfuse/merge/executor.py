@@ -20,24 +20,9 @@ import torch
 from modelfuse._memory import bound_malloc
 from modelfuse.errors import FusionError
 from modelfuse.io import CheckpointWriter
+from modelfuse.io.checkpoint import CONFIG_FILES, TOKENIZER_FILES
 from modelfuse.merge.plan import MergePlan, TensorTask
 from modelfuse.progress import progress as progress_bar
-
-#: tokenizer and generation files copied from the tokenizer source / config source
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-)
-CONFIG_FILES = ("generation_config.json", "preprocessor_config.json")
 
 
 class MergeComputeError(FusionError):

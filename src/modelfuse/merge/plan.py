@@ -145,9 +145,10 @@ def _check_names(method: MergeMethod, params: Mapping[str, Any], where: str, mod
     return notes
 
 
-def _per_model(method: MergeMethod, levels: list[Mapping[str, Any]], name: str, t: float) -> dict[str, Any]:
+def _resolve(schema: Any, levels: list[Mapping[str, Any]], name: str, t: float) -> dict[str, Any]:
+    """The values a parameter schema's fields take for tensor ``name`` at depth ``t`` (unset ones left out)."""
     out = {}
-    for key, f in method.per_model.model_fields.items():
+    for key, f in schema.model_fields.items():
         label = f.alias or key
         value = lookup(label, levels, name, t, _UNSET)
         if value is _UNSET and label != key:
@@ -157,14 +158,12 @@ def _per_model(method: MergeMethod, levels: list[Mapping[str, Any]], name: str, 
     return out
 
 
+def _per_model(method: MergeMethod, levels: list[Mapping[str, Any]], name: str, t: float) -> dict[str, Any]:
+    return _resolve(method.per_model, levels, name, t)
+
+
 def _shared(method: MergeMethod, levels: list[Mapping[str, Any]], name: str, t: float) -> dict[str, Any]:
-    out = {}
-    for key, f in method.shared.model_fields.items():
-        label = f.alias or key
-        value = lookup(label, levels, name, t, _UNSET)
-        if value is not _UNSET:
-            out[label] = value
-    return out
+    return _resolve(method.shared, levels, name, t)
 
 
 _UNSET = object()
