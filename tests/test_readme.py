@@ -57,4 +57,3 @@ def test_readme_merge_recipe_and_commands_run(tmp_path, monkeypatch):
         out = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 0, f"README command failed: {command}\n{out.stderr}"
     assert (tmp_path / "merged" / "model.safetensors").exists()
-
