@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,22 +58,25 @@ class MissingTensorError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class _Source:
+class _Source(ABC):
     """One weight file (or an in-memory dict) that a checkpoint reads tensors from."""
 
     path: Path | None = None
 
+    @abstractmethod
     def names(self) -> list[str]:
-        raise NotImplementedError
+        """Tensor names in file order."""
 
+    @abstractmethod
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        raise NotImplementedError
+        """Shape and dtype of one tensor, without reading its data."""
 
+    @abstractmethod
     def read(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """One tensor's values, in a tensor the caller owns."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027  (a default: sources without open handles keep it)
+        """Release open handles (sources without any have nothing to do)."""
 
 
 class _SafetensorsSource(_Source):
