@@ -344,7 +344,7 @@ def _plan_models(
     layers = count_layers(names, models[ref].config)
     involved = list(dict.fromkeys([*([use_base] if use_base else []), *(m.model for m in entries)]))
     _check_key_sets(models, involved, ref, missing, notes)
-    _check_counts(method, len(entries))
+    method.check_count(len(entries), "models")
     tasks = []
     for name in names:
         if not all(name in models[m] for m in involved):
@@ -411,7 +411,7 @@ def _plan_slices(
         if not others:
             others = [base_src]
             base_src = None
-        _check_counts(method, len(others), f"slices[{i}]")
+        method.check_count(len(others), f"slices[{i}]")
         plans.append((sl, others, base_src, sl.sources[0].model))
     for sl, others, base_src, first in plans:
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
@@ -471,15 +471,6 @@ def _plan_slices(
         b = (base_src.model, name) if base_src else None
         tasks.append(_task(models, name, method, xs, b, per_model, shared, 0.0, recipe, b or xs[0]))
     return tasks, offset
-
-
-def _check_counts(method: MergeMethod, n: int, where: str = "models") -> None:
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        most = "" if method.max_models is None else f" and at most {method.max_models}"
-        raise ConfigError(
-            f"{where}: merge method {method.name!r} takes at least {method.min_models}{most} model(s) "
-            f"besides the base; found {n}"
-        )
 
 
 def _check_key_sets(

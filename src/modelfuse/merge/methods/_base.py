@@ -69,6 +69,15 @@ class MergeMethod:
         """Defaults of the per-model parameters (required ones are left out)."""
         return _defaults(self.per_model)
 
+    def check_count(self, n: int, where: str = "") -> None:
+        """Raise ConfigError unless ``n`` models besides the base is a number this method takes."""
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            most = "" if self.max_models is None else f" and at most {self.max_models}"
+            raise ConfigError(
+                f"{where + ': ' if where else ''}merge method {self.name!r} needs at least "
+                f"{self.min_models}{most} models besides the base; found {n}"
+            )
+
     def check_shared(self, values: dict[str, Any], where: str = "parameters") -> Params:
         return _validate(self, self.shared, values, where)
 
@@ -88,12 +97,7 @@ class MergeMethod:
         if self.base == "required" and base is None:
             raise ConfigError(f"merge method {self.name!r} needs a base model (base_model in a recipe)")
         n = len(xs)
-        if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            most = "" if self.max_models is None else f" and at most {self.max_models}"
-            raise ConfigError(
-                f"merge method {self.name!r} needs at least {self.min_models}{most} models besides "
-                f"the base; found {n}"
-            )
+        self.check_count(n)
         models = list(models) if models is not None else [{} for _ in xs]
         if len(models) != n:
             raise ConfigError(
