@@ -36,8 +36,7 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def _load(plan: MergePlan, task: TensorTask) -> dict[tuple[str, str], torch.Tensor]:
-    pairs = [task.copy_from] if task.copy_from else [*task.xs, *([task.base] if task.base else [])]
-    return {pair: plan.models[pair[0]].get(pair[1]) for pair in pairs}
+    return {pair: plan.models[pair[0]].get(pair[1]) for pair in task.inputs}
 
 
 def compute(
@@ -155,9 +154,7 @@ def run_tasks(
     if any(_needs_global_trim(t) for t in tasks):
         global_trim_thresholds(plan)
 
-    def input_bytes(task: TensorTask) -> int:
-        pairs = [task.copy_from] if task.copy_from else [*task.xs, *([task.base] if task.base else [])]
-        return sum(plan.models[m].nbytes(n) for m, n in pairs)
+    sizes = [sum(plan.models[m].nbytes(n) for m, n in t.inputs) for t in tasks]
 
     with (
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
@@ -171,8 +168,8 @@ def run_tasks(
         try:
             for _ in range(len(tasks)):
                 # read ahead within the budget; a task bigger than the budget is read alone
-                while nxt < len(tasks) and (held == 0 or held + input_bytes(tasks[nxt]) <= read_ahead_bytes):
-                    size = input_bytes(tasks[nxt])
+                while nxt < len(tasks) and (held == 0 or held + sizes[nxt] <= read_ahead_bytes):
+                    size = sizes[nxt]
                     pending.append((tasks[nxt], pool.submit(_load, plan, tasks[nxt]), size))
                     held += size
                     nxt += 1

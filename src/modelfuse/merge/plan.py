@@ -53,6 +53,13 @@ class TensorTask:
     copy_from: tuple[str, str] | None = None  # copied unchanged instead of merged
 
     @property
+    def inputs(self) -> list[tuple[str, str]]:
+        """Every (model, tensor) this task reads."""
+        if self.copy_from is not None:
+            return [self.copy_from]
+        return [*self.xs, *([self.base] if self.base else [])]
+
+    @property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:
