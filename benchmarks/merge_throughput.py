@@ -91,19 +91,20 @@ METHODS: dict[str, dict] = {
         "model_parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
     },
     "model_stock": {"base": True, "models": 3, "parameters": {}, "model_parameters": {}},
-    # the same merges with ties broken by position instead of mergekit's sort (where offered)
-    "ties/index": {
+    # the same merges with equal magnitudes at the cut ordered as torch's CPU sort orders them
+    # (mergekit's CPU output bit for bit) instead of by position (the default)
+    "ties/sort": {
         "method": "ties",
         "base": True,
         "models": 3,
-        "parameters": {"tie_break": "index"},
+        "parameters": {"tie_break": "sort"},
         "model_parameters": {"weight": 1.0, "density": 0.3},
     },
-    "breadcrumbs/index": {
+    "breadcrumbs/sort": {
         "method": "breadcrumbs",
         "base": True,
         "models": 3,
-        "parameters": {"tie_break": "index"},
+        "parameters": {"tie_break": "sort"},
         "model_parameters": {"weight": 1.0, "density": 0.9, "gamma": 0.01},
     },
 }

@@ -1,10 +1,15 @@
-"""Keep a streaming process's resident memory bounded by what it holds, on glibc.
+"""Hand freed heap memory back to the system before a streaming process's peak, on glibc.
 
-glibc serves allocations below its mmap threshold from per-thread arenas and raises that
-threshold (up to 32 MiB) as large blocks are freed, so tensors of a few MiB read on
-several threads stay resident after they are freed: RSS creeps towards the model's size.
-A fixed 1 MiB threshold sends every tensor-sized block to mmap, returned to the system on
-free. Measured on a 4 x 0.85 GB linear merge: peak RSS 1.9 GB -> 1.3 GB, and faster.
+A streaming merge reads its inputs into reused buffers (``merge.executor.BufferPool``), so
+the tensors it reads cost no fresh pages. What glibc's heap keeps after the method's
+temporaries and outputs are freed stays resident, though, and would add to the peak that
+comes with the largest tensors (embeddings, output heads). ``release_free_memory`` calls
+``malloc_trim(0)`` before such a tensor.
+
+(An earlier version fixed glibc's mmap threshold at 1 MiB so that every tensor-sized block
+went back to the system on free; with reads pooled, that only made each temporary cost
+fresh, zero-filled pages: a linear merge of 4 x 0.88 GB took 4.0-5.0 s with it and 2.3-3.0 s
+without, for 50-110 MiB more peak RSS. See benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ import ctypes.util
 import functools
 import sys
 
-M_MMAP_THRESHOLD = -3
-
 
 @functools.cache
-def bound_malloc(threshold: int = 1 << 20) -> bool:
-    """Fix glibc's mmap threshold for this process (once); False where that is not glibc."""
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+        libc.malloc_trim  # noqa: B018  (glibc only: musl has none)
     except (OSError, AttributeError):
-        return False
+        return None
+    return libc
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the system (glibc ``malloc_trim``); False where unavailable."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0))

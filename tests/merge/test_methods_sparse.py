@@ -1,13 +1,14 @@
 """Sparsifying task-vector methods (TIES, DARE, breadcrumbs, DELLA, SCE, RAM) against NumPy references.
 
 The references below are written from the definitions (mergekit 0.1.5's measured semantics,
-see shared/reference/mergekit-semantics.md), not from the implementation. One thing no
-reference can derive is which of several equal magnitudes a cut keeps: mergekit takes
-them in the order ``torch.argsort`` / ``torch.sort`` puts them, and on CPU that sort is an
-introsort that is stable only up to 16 entries. So tie-breaking references use NumPy's
-stable order on tensors of at most 16 entries, and ``torch.argsort`` itself (the
-definition) on larger ones. Randomised methods are checked given their masks, and their
-masks statistically, with tolerances derived from the sample size.
+see shared/reference/mergekit-semantics.md), not from the implementation. Which of several
+equal magnitudes a cut keeps: by default (``tie_break="index"``) a stable sort's choice,
+referenced with NumPy's stable argsort. With ``tie_break="sort"`` mergekit's CPU choice,
+the order ``torch.argsort`` / ``torch.sort`` puts them in; on CPU that sort is an introsort
+that is stable only up to 16 entries, so those references use NumPy's stable order on at
+most 16 entries and ``torch.argsort`` itself (the definition) on larger ones. Randomised
+methods are checked given their masks (drawn in the test from the documented seeding),
+and their masks statistically, with tolerances derived from the sample size.
 """
 
 from __future__ import annotations
@@ -39,15 +40,15 @@ from modelfuse.merge.methods._sparsify import (
 # ---------------------------------------------------------------------------------------------
 
 
-def order_desc(w32: np.ndarray) -> np.ndarray:
-    """Positions of float32 magnitudes in mergekit's descending order (see the module docstring)."""
-    if w32.size <= 16:
+def order_desc(w32: np.ndarray, tie_break: str = "index") -> np.ndarray:
+    """Positions of float32 magnitudes in descending order, equal ones per ``tie_break`` (module docstring)."""
+    if w32.size <= 16 or tie_break == "index":
         return np.argsort(-w32, kind="stable")
     return torch.argsort(torch.from_numpy(w32), descending=True).numpy()
 
 
-def order_asc(w32: np.ndarray) -> np.ndarray:
-    if w32.size <= 16:
+def order_asc(w32: np.ndarray, tie_break: str = "index") -> np.ndarray:
+    if w32.size <= 16 or tie_break == "index":
         return np.argsort(w32, kind="stable")
     return torch.sort(torch.from_numpy(w32)).indices.numpy()
 
@@ -68,17 +69,17 @@ def np_rescale(tau, kept, mode, keep_prob):
     return kept * (before / after)
 
 
-def np_trim_top_k(tau, density, rescale="none"):
+def np_trim_top_k(tau, density, rescale="none", tie_break="index"):
     if density >= 1:
         return tau
     flat = tau.ravel()
     k = max(1, math.floor(density * flat.size))
     keep = np.zeros(flat.size, bool)
-    keep[order_desc(np.abs(flat).astype(np.float32))[:k]] = True
+    keep[order_desc(np.abs(flat).astype(np.float32), tie_break)[:k]] = True
     return np_rescale(tau, np.where(keep, flat, 0).reshape(tau.shape), rescale, density)
 
 
-def np_breadcrumb(tau, density, gamma):
+def np_breadcrumb(tau, density, gamma, tie_break="index"):
     if density >= 1:
         return tau
     flat = tau.ravel()
@@ -86,7 +87,7 @@ def np_breadcrumb(tau, density, gamma):
     target, n_top = math.floor(density * n), math.floor(gamma * n)
     n_bot = max(0, n - target - n_top)
     keep = np.zeros(n, bool)
-    keep[order_asc(np.abs(flat).astype(np.float32))[n_bot : n_bot + target]] = True
+    keep[order_asc(np.abs(flat).astype(np.float32), tie_break)[n_bot : n_bot + target]] = True
     return np.where(keep, flat, 0).reshape(tau.shape)
 
 
@@ -109,8 +110,8 @@ def np_merge(base, deltas, weights, *, elect, normalize, lam, votes=None):
     return base.astype(np.float64) + lam * mixed
 
 
-def np_ties(xs, base, weights, densities, *, lam=1.0, normalize=True, vote="weighted"):
-    trimmed = [np_trim_top_k(t, d) for t, d in zip(np_task_vectors(xs, base), densities)]
+def np_ties(xs, base, weights, densities, *, lam=1.0, normalize=True, vote="weighted", tie_break="index"):
+    trimmed = [np_trim_top_k(t, d, tie_break=tie_break) for t, d in zip(np_task_vectors(xs, base), densities)]
     votes = trimmed if vote == "unweighted" else None
     return np_merge(base, trimmed, weights, elect=True, normalize=normalize, lam=lam, votes=votes)
 
@@ -217,23 +218,29 @@ def test_ties_tie_breaking_on_small_tensor_is_index_order(density):
     np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
-def test_ties_tie_breaking_on_large_tensor_follows_torch_argsort():
-    # beyond 16 entries torch's CPU sort is not stable: the reference uses torch.argsort itself
+@pytest.mark.parametrize("tie_break", ["index", "sort"])
+def test_ties_tie_breaking_on_large_tensor(tie_break):
+    # beyond 16 entries torch's CPU sort is not stable: the "sort" reference uses torch.argsort
+    # itself, the default ("index") NumPy's stable argsort
     rng = np.random.default_rng(3)
     n = 600
     base = np.zeros(n, np.float32)
     xs = [(rng.integers(1, 4, n) * rng.choice([-1, 1], n)).astype(np.float32) for _ in range(3)]
     w32 = np.abs(xs[0])
     k = math.floor(0.5 * n)
-    assert not np.array_equal(  # the test means something: index order would keep other entries
-        np.sort(order_desc(w32)[:k]), np.sort(np.argsort(-w32, kind="stable")[:k])
+    assert not np.array_equal(  # the test means something: the two orders keep other entries
+        np.sort(order_desc(w32, "sort")[:k]), np.sort(np.argsort(-w32, kind="stable")[:k])
     )
     per_model = [{"weight": w, "density": 0.5} for w in (1.0, 0.5, 2.0)]
-    got = run("ties", xs, base, per_model)
-    np.testing.assert_array_equal(got, np_ties(xs, base, [1.0, 0.5, 2.0], [0.5] * 3).astype(np.float32))
+    got = run("ties", xs, base, per_model, tie_break=tie_break)
+    ref = np_ties(xs, base, [1.0, 0.5, 2.0], [0.5] * 3, tie_break=tie_break)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+    if tie_break == "index":  # also the default
+        np.testing.assert_array_equal(run("ties", xs, base, per_model), got)
 
 
-def test_ties_in_bfloat16_is_computed_in_bfloat16():
+@pytest.mark.parametrize("tie_break", ["index", "sort"])
+def test_ties_in_bfloat16_is_computed_in_bfloat16(tie_break):
     """The reference's bf16 rule, restated in torch ops: deltas, weights, vote and sums all in bf16."""
     g = torch.Generator().manual_seed(27)
     base = torch.randn(64, 33, generator=g).bfloat16()
@@ -244,7 +251,8 @@ def test_ties_in_bfloat16_is_computed_in_bfloat16():
         tau = x - base
         w32 = tau.abs().reshape(-1).float()
         keep = torch.zeros(tau.numel(), dtype=tau.dtype)
-        keep[torch.argsort(w32, descending=True)[: int(d * tau.numel())]] = 1
+        order = torch.argsort(w32, descending=True, stable=tie_break == "index")
+        keep[order[: int(d * tau.numel())]] = 1
         trimmed.append(tau * keep.view(tau.shape))
     u = torch.stack(trimmed) * torch.tensor(weights, dtype=torch.bfloat16).view(-1, 1, 1)
     agree = u.sign() == (u.sum(0) >= 0).bfloat16() * 2 - 1
@@ -253,7 +261,7 @@ def test_ties_in_bfloat16_is_computed_in_bfloat16():
     div[div == 0] = 1
     ref = base + (mixed / div) * 0.5
     per_model = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    got = get_method("ties")(xs, base, models=per_model, **{"lambda": 0.5})
+    got = get_method("ties")(xs, base, models=per_model, tie_break=tie_break, **{"lambda": 0.5})
     assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
 
 
@@ -268,12 +276,12 @@ def test_trim_masks_equal_the_sort_on_tie_heavy_data():
         k = int(torch.randint(1, n + 1, (1,), generator=g))
         ref = torch.zeros(n, dtype=torch.bool)
         ref[torch.argsort(w, descending=True)[:k]] = True
-        assert torch.equal(largest_magnitudes(tau, k), ref)
+        assert torch.equal(largest_magnitudes(tau, k, "sort"), ref)
         lo = int(torch.randint(0, n, (1,), generator=g))
         hi = int(torch.randint(lo, n + 1, (1,), generator=g))
         ref = torch.zeros(n, dtype=torch.bool)
         ref[torch.sort(w).indices[lo:hi]] = True
-        assert torch.equal(magnitude_window(tau, lo, hi), ref)
+        assert torch.equal(magnitude_window(tau, lo, hi, "sort"), ref)
 
 
 def test_ties_unweighted_vote_is_the_papers():
@@ -390,11 +398,39 @@ def test_output_has_the_base_shape_and_dtype(name, dtype, shape):
 # ---------------------------------------------------------------------------------------------
 
 
-def dare_masks(xs, base, densities, seed):
-    """The masks the method draws: its own drop helper, same seed, no rescale (the mask is what is nonzero)."""
+def model_uniforms(seed, densities, shape, dtype=np.float32):
+    """The documented draws: each model with d < 1 takes a seed s_i = randint(0, 2**62) from the
+    tensor's generator in model order, then u = torch.rand(n) from a generator seeded s_i."""
     g = torch.Generator().manual_seed(seed)
-    taus = [torch.from_numpy(t) for t in np_task_vectors(xs, base)]
-    return [(drop_random(t, d, "none", g) != 0).numpy() for t, d in zip(taus, densities)]
+    out = []
+    for d in densities:
+        if d >= 1:
+            out.append(None)
+            continue
+        s_i = int(torch.randint(0, 2**62, (1,), generator=g))
+        tdtype = torch.float64 if dtype == np.float64 else torch.float32  # the method's work dtype
+        u = torch.rand(math.prod(shape), generator=torch.Generator().manual_seed(s_i), dtype=tdtype)
+        out.append(u.numpy().reshape(shape))
+    return out
+
+
+def dare_masks(xs, base, densities, seed):
+    """Keep where u < d, compared in u's dtype."""
+    us = model_uniforms(seed, densities, base.shape, base.dtype)
+    return [np.ones(base.shape, bool) if u is None else u < u.dtype.type(d) for u, d in zip(us, densities)]
+
+
+def test_dare_masks_are_the_documented_draws():
+    xs, base = models(2, 30, (40, 30), np.float32)
+    g = torch.Generator().manual_seed(8)
+    got = [
+        (drop_random(torch.from_numpy(t), d, "none", g) != 0).numpy()
+        for t, d in zip(np_task_vectors(xs, base), (0.3, 0.8))
+    ]
+    ref = dare_masks(xs, base, (0.3, 0.8), 8)
+    for m, r, d in zip(got, ref, (0.3, 0.8)):
+        np.testing.assert_array_equal(m, r)
+        assert abs(m.mean() - d) < 5 * math.sqrt(d * (1 - d) / m.size)
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
@@ -574,12 +610,12 @@ def test_della_matches_reference_given_its_masks(name, dtype, shape):
     weights, densities, epsilons = [1.0, 0.5, 2.0], [0.5, 0.4, 0.7], [0.2, 0.1, 0.15]
     per_model = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]
     got = run(name, xs, base, per_model, seed=21, **{"lambda": 0.9})
-    g = torch.Generator().manual_seed(21)
     taus = np_task_vectors(xs, base)
-    masks = [
-        (drop_by_rank(torch.from_numpy(t), d, e, "none", g) != 0).numpy()
-        for t, d, e in zip(taus, densities, epsilons)
-    ]
+    us = model_uniforms(21, densities, base.shape, dtype)  # the documented draws, as for DARE
+    masks = [u < np_della_probs(t, d, e).astype(u.dtype) for u, t, d, e in zip(us, taus, densities, epsilons)]
+    g = torch.Generator().manual_seed(21)  # the one-tensor helper draws the same
+    for t, d, e, m in zip(taus, densities, epsilons, masks):
+        np.testing.assert_array_equal((drop_by_rank(torch.from_numpy(t), d, e, "none", g) != 0).numpy(), m)
     pruned = [np_rescale(t, t * m, "l1", None) for t, m in zip(taus, masks)]
     ref = np_merge(base, pruned, weights, elect=name == "della", normalize=name == "della", lam=0.9)
     assert_close(got, ref, dtype)
@@ -662,12 +698,12 @@ def test_defaults_are_mergekits():
         "rescale": "none",
         "vote": "weighted",
         "trim": "tensor",
-        "tie_break": "sort",
+        "tie_break": "index",
     }
     for name in ("dare_linear", "dare_ties"):
         assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
     for name in ("breadcrumbs", "breadcrumbs_ties"):
-        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "none", "tie_break": "sort"}
+        assert shared[name] == {"lambda": 1.0, "normalize": False, "rescale": "none", "tie_break": "index"}
         assert per_model[name] == {"weight": 1.0, "density": 1.0, "gamma": 0.01}
     assert shared["della"] == {"lambda": 1.0, "normalize": True, "rescale": "l1"}
     assert shared["della_linear"] == {"lambda": 1.0, "normalize": False, "rescale": "l1"}
@@ -740,11 +776,16 @@ def test_shape_mismatch_is_a_config_error():
         run("ties", [np.zeros(5, np.float32)], base)
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, None])
 @pytest.mark.parametrize("seed", range(40))
-def test_index_tie_break_is_a_stable_sort(seed):
-    """tie_break="index" keeps what NumPy's stable argsort keeps, on tie-heavy magnitudes."""
+def test_index_tie_break_is_a_stable_sort(seed, block, monkeypatch):
+    """tie_break="index" keeps what NumPy's stable argsort keeps, on tie-heavy magnitudes,
+    whatever the block size (equal entries at a cut are counted across blocks)."""
+    from modelfuse.merge.methods import _sparsify
     from modelfuse.merge.methods._sparsify import largest_magnitudes, magnitude_window
 
+    if block is not None:
+        monkeypatch.setattr(_sparsify, "BLOCK", block)
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 400))
     mags = rng.integers(0, 5, size=n).astype(np.float32) * 0.25
@@ -764,7 +805,7 @@ def test_index_tie_break_changes_only_equal_magnitudes_at_the_cut():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 64, generator=g)
     xs = [base + torch.randint(-3, 4, (64, 64), generator=g).float() * 0.125 for _ in range(3)]
-    a = get_method("ties")(xs, base, models=[{"density": 0.3}] * 3)
+    a = get_method("ties")(xs, base, models=[{"density": 0.3}] * 3, tie_break="sort")
     b = get_method("ties")(xs, base, models=[{"density": 0.3}] * 3, tie_break="index")
     differ = a != b
     assert differ.any()  # the magnitudes are on a grid: the k-th value is shared by many entries
@@ -789,3 +830,37 @@ def test_blockwise_merge_equals_whole_tensor_merge(elect):
     whole = merge_deltas(base, deltas.clone(), [0.5, 1.0, 2.0], block=10**9, **kw)
     blocks = merge_deltas(base, deltas.clone(), [0.5, 1.0, 2.0], block=7, **kw)
     assert torch.equal(whole, blocks)
+
+
+@pytest.mark.parametrize(
+    "name, per_model, shared",
+    [
+        ("ties", {"density": 0.3}, {}),
+        ("ties", {"density": 0.3}, {"tie_break": "sort"}),
+        ("ties", {"density": 0.5}, {"rescale": "l2", "vote": "unweighted"}),
+        ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.1}, {}),
+        ("breadcrumbs", {"density": 0.4, "gamma": 0.1}, {"tie_break": "sort", "rescale": "linf"}),
+        ("dare_ties", {"density": 0.4}, {}),
+        ("dare_linear", {"density": 0.6}, {"rescale": "inverse_density"}),
+        ("della", {"density": 0.5, "epsilon": 0.2}, {}),
+        ("della_linear", {"density": 0.5, "epsilon": 0.2}, {"rescale": "inverse_density"}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(37,), (9, 13), (4, 5, 3)])
+def test_blocks_give_the_bytes_of_one_whole_tensor_pass(name, per_model, shared, shape, monkeypatch):
+    """Statistics and merge run in blocks: any block size gives the same result, bit for bit
+    (random streams continue across blocks, tie counts too; DELLA's blocks hold whole rows)."""
+    from modelfuse.merge.methods import _sparsify
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(shape, generator=g)
+    xs = [base + torch.randint(-3, 4, shape, generator=g).float() * 0.25 for _ in range(3)]
+    outs = []
+    for block in (1 << 30, 1, 5, 16):
+        monkeypatch.setattr(_sparsify, "BLOCK", block)
+        method = get_method(name)
+        outs.append(
+            method(xs, base, models=[per_model] * 3, generator=torch.Generator().manual_seed(9), **shared)
+        )
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])

@@ -72,11 +72,29 @@ class _Source(ABC):
         """Shape and dtype of one tensor, without reading its data."""
 
     @abstractmethod
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor's values, in a tensor the caller owns."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor's values, in a tensor the caller owns: in ``into`` (a uint8 buffer of at
+        least the tensor's size in bytes) when given, so that a caller can reuse memory."""
 
     def close(self) -> None:  # noqa: B027  (a default: sources without open handles keep it)
         """Release open handles (sources without any have nothing to do)."""
+
+
+def _bytes(nbytes: int, into: torch.Tensor | None) -> torch.Tensor:
+    """``nbytes`` of uint8 memory: the front of ``into`` when given (checked), else new."""
+    if into is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if into.dtype != torch.uint8 or into.dim() != 1 or not into.is_contiguous() or into.numel() < nbytes:
+        raise ValueError(f"read buffer must be a contiguous 1-D uint8 tensor of at least {nbytes} bytes")
+    return into[:nbytes]
+
+
+def _copy(tensor: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """A copy of ``tensor`` the caller owns, in ``into``'s memory when given."""
+    if into is None or tensor.numel() == 0:
+        return tensor.clone()
+    out = _bytes(tensor.numel() * tensor.element_size(), into).view(tensor.dtype).view(tensor.shape)
+    return out.copy_(tensor)
 
 
 class _SafetensorsSource(_Source):
@@ -98,9 +116,9 @@ class _SafetensorsSource(_Source):
         entry = self.header.tensors[name]
         return entry.shape, entry.dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         entry = self.header.tensors[name]
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        out = _bytes(entry.nbytes, into)
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
@@ -166,8 +184,8 @@ class _TorchSource(_Source):
         tensor = self._load()[name]
         return tuple(tensor.shape), tensor.dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._load()[name].clone()
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        return _copy(self._load()[name], into)
 
     def close(self) -> None:
         self._tensors = None  # drops the memory map; loaded again if asked for
@@ -186,8 +204,8 @@ class _MemorySource(_Source):
         tensor = self._tensors[name]
         return tuple(tensor.shape), tensor.dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].detach().clone()
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        return _copy(self._tensors[name].detach(), into)
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -249,8 +267,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     _MISSING: Any = object()
 
-    def get(self, name: str, default: Any = _MISSING) -> torch.Tensor:
-        """Read one tensor. A missing name raises :class:`MissingTensorError` unless ``default`` is given."""
+    def get(self, name: str, default: Any = _MISSING, *, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor. A missing name raises :class:`MissingTensorError` unless ``default`` is given.
+
+        ``into``: a contiguous 1-D uint8 tensor of at least :meth:`nbytes` bytes that the
+        values are read into (the result is a view of it), to reuse memory across reads.
+        """
         source = self._where.get(name)
         if source is None:
             if default is not Checkpoint._MISSING:
@@ -258,7 +280,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise self._missing(name)
         if self._closed:
             raise CheckpointError(f"{self._describe()} was closed; open it again to read {name!r}")
-        return source.read(name)
+        return source.read(name, into)
 
     # -- metadata without data -----------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:

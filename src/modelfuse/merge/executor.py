@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from modelfuse._memory import bound_malloc
+from modelfuse._memory import release_free_memory
 from modelfuse.errors import FusionError
 from modelfuse.io import CheckpointWriter
 from modelfuse.io.checkpoint import CONFIG_FILES, TOKENIZER_FILES
@@ -35,8 +36,64 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _load(plan: MergePlan, task: TensorTask) -> dict[tuple[str, str], torch.Tensor]:
-    return {pair: plan.models[pair[0]].get(pair[1]) for pair in task.inputs}
+class BufferPool:
+    """Reusable read buffers (uint8, by exact size): a streaming merge reads tensors of a few
+    sizes over and over, and memory the process already holds costs no page faults, no
+    zeroing by the kernel and no unmapping. At most ``cap`` bytes lie idle; beyond that the
+    least recently returned buffers are freed. Thread-safe (readers take, the main thread gives).
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._idle: OrderedDict[int, torch.Tensor] = OrderedDict()  # id -> buffer, oldest first
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            for key, buf in self._idle.items():
+                if buf.numel() == nbytes:
+                    del self._idle[key]
+                    self._idle_bytes -= nbytes
+                    return buf
+            # a new size: idle buffers of other sizes make room first (e.g. before the large
+            # embedding matrices at the end, the layers' buffers are not needed any more)
+            while self._idle and self._idle_bytes + nbytes > self.cap:
+                _, old = self._idle.popitem(last=False)
+                self._idle_bytes -= old.numel()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._idle[id(buf)] = buf
+            self._idle_bytes += buf.numel()
+            while self._idle_bytes > self.cap and self._idle:
+                _, old = self._idle.popitem(last=False)
+                self._idle_bytes -= old.numel()
+
+
+Loaded = tuple[dict[tuple[str, str], torch.Tensor], list[torch.Tensor]]
+
+
+def _load(plan: MergePlan, task: TensorTask, pool: BufferPool | None = None) -> Loaded:
+    """The task's inputs, read into pooled buffers (returned too, to be given back after use)."""
+    tensors, buffers = {}, []
+    for pair in task.inputs:
+        model = plan.models[pair[0]]
+        if pool is None:
+            tensors[pair] = model.get(pair[1])
+            continue
+        buf = pool.take(model.nbytes(pair[1]))
+        tensors[pair] = model.get(pair[1], into=buf)
+        buffers.append(buf)
+    return tensors, buffers
+
+
+def _shares_memory(result: torch.Tensor, buffers: list[torch.Tensor]) -> bool:
+    if not buffers or result.numel() == 0:
+        return False
+    start = result.untyped_storage().data_ptr()
+    return any(b.numel() and b.data_ptr() <= start < b.data_ptr() + b.numel() for b in buffers)
 
 
 def compute(
@@ -144,7 +201,6 @@ def run_tasks(
     Reads for the next tasks run on ``threads`` threads while the current one computes,
     up to ``read_ahead_bytes`` of inputs in flight (always at least one task ahead).
     """
-    bound_malloc()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         from modelfuse.errors import ConfigError
@@ -155,6 +211,7 @@ def run_tasks(
         global_trim_thresholds(plan)
 
     sizes = [sum(plan.models[m].nbytes(n) for m, n in t.inputs) for t in tasks]
+    buffers = BufferPool(cap=read_ahead_bytes)
 
     with (
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
@@ -170,13 +227,19 @@ def run_tasks(
                 # read ahead within the budget; a task bigger than the budget is read alone
                 while nxt < len(tasks) and (held == 0 or held + sizes[nxt] <= read_ahead_bytes):
                     size = sizes[nxt]
-                    pending.append((tasks[nxt], pool.submit(_load, plan, tasks[nxt]), size))
+                    pending.append((tasks[nxt], pool.submit(_load, plan, tasks[nxt], buffers), size))
                     held += size
                     nxt += 1
                 task, future, size = pending.popleft()
-                inputs = future.result()
+                if size > read_ahead_bytes:  # a large tensor is read alone: the peak comes now
+                    release_free_memory()
+                inputs, used = future.result()
                 result = compute(task, inputs, seed, dev)
+                if _shares_memory(result, used):  # e.g. a copied tensor: the buffer goes back to the pool
+                    result = result.clone()
                 del inputs
+                for buf in used:
+                    buffers.give(buf)
                 held -= size
                 # the sink (a file write) runs beside the next compute; two results at most in flight
                 while len(writes) >= 2:

@@ -7,12 +7,13 @@ from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
+    KeepAll,
     Rescale,
+    Sparsifier,
     TieBreak,
     WeightDensity,
-    merge_deltas,
-    sparsified_stack,
-    trim_outliers,
+    Window,
+    gta_merge,
 )
 
 PAPER = (
@@ -29,20 +30,11 @@ class BreadcrumbsShared(Params):
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = False
     rescale: Rescale = "none"
-    tie_break: TieBreak = "sort"
+    tie_break: TieBreak = "index"
 
 
-def _trimmed(
-    xs: list[torch.Tensor],
-    base: torch.Tensor,
-    density: list[float],
-    gamma: list[float],
-    rescale: str,
-    tie_break: str,
-) -> torch.Tensor:
-    return sparsified_stack(
-        xs, base, lambda i, tau: trim_outliers(tau, density[i], gamma[i], rescale, tie_break)
-    )
+def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: str) -> list[Sparsifier]:
+    return [KeepAll() if d >= 1 else Window(d, g, rescale, tie_break) for d, g in zip(density, gamma)]
 
 
 @merge_method(
@@ -64,16 +56,17 @@ def breadcrumbs(
 
     Paper (Davari & Belilovsky 2024): per layer, mask out the largest-magnitude entries
     (outliers) and the smallest ones, add the masked task vectors scaled by alpha (lambda).
-    mergekit's per-tensor mask (this one): sort |tau_i| (float32) ascending with
-    ``torch.sort``; n_top = floor(gamma n), target = floor(d n), n_bot = max(0, n - target
+    mergekit's per-tensor mask (this one): sort |tau_i| (float32) ascending (equal magnitudes
+    by position, ``tie_break="index"``, as mergekit on a GPU; ``"sort"``: as torch's CPU
+    ``torch.sort`` orders them, mergekit's CPU output bit for bit); n_top = floor(gamma n), target = floor(d n), n_bot = max(0, n - target
     - n_top); keep sorted positions [n_bot, n_bot + target). So the top fraction removed is
     gamma, shrunk when gamma + d > 1 so that d is always what stays; density 1 keeps all.
     No rescale and no division by default. (mergekit's sparsify.py slices the sorted
     positions as ``[n_bot:-n_top]``, which keeps nothing when n_top = 0, i.e. gamma n < 1;
     this follows the formula above instead.)
     """
-    crumbs = _trimmed(xs, base, density, gamma, rescale, tie_break)
-    return merge_deltas(base, crumbs, weight, elect=False, normalize=normalize, lambda_=lambda_)
+    parts = _crumbs(density, gamma, rescale, tie_break)
+    return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
 
 
 @merge_method(
@@ -101,5 +94,5 @@ def breadcrumbs_ties(
     -1, m_i = [sign(u_i) == s]. No division by default (mergekit); ``normalize=True``
     divides by sum_i m_i w_i (0 becomes 1).
     """
-    crumbs = _trimmed(xs, base, density, gamma, rescale, tie_break)
-    return merge_deltas(base, crumbs, weight, elect=True, normalize=normalize, lambda_=lambda_)
+    parts = _crumbs(density, gamma, rescale, tie_break)
+    return gta_merge(xs, base, parts, weight, elect=True, normalize=normalize, lambda_=lambda_)

@@ -7,11 +7,13 @@ from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
+    KeepAll,
+    RandomKeep,
     Rescale,
+    Sparsifier,
     WeightDensity,
-    drop_random,
-    merge_deltas,
-    sparsified_stack,
+    gta_merge,
+    model_seeds,
 )
 
 PAPER = (
@@ -26,14 +28,11 @@ class DareShared(Params):
     rescale: Rescale = "l1"
 
 
-def _dropped(
-    xs: list[torch.Tensor],
-    base: torch.Tensor,
-    density: list[float],
-    rescale: str,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    return sparsified_stack(xs, base, lambda i, tau: drop_random(tau, density[i], rescale, generator))
+def _drops(
+    base: torch.Tensor, density: list[float], rescale: str, generator: torch.Generator | None
+) -> list[Sparsifier]:
+    seeds = model_seeds(generator, [d < 1 for d in density], base.device)
+    return [KeepAll() if d >= 1 else RandomKeep(d, rescale, s) for d, s in zip(density, seeds)]
 
 
 @merge_method("dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
@@ -55,11 +54,13 @@ def dare_linear(
     mergekit (the default): keep with probability d_i, then match the L1 norm of the
     original task vector, dropped * ||tau_i||_1 / ||dropped||_1 (skipped when either norm
     is below 1e-7), ``rescale="l1"`` (mergekit's ``rescale: true``; ``false`` is ``none``).
-    Masks come from ``generator`` (seeded per tensor by the executor), model by model;
-    density 1 draws nothing. Masks and rescale run in float32 (float64 for float64).
+    Masks: each model with d_i < 1 draws a seed s_i from ``generator`` (seeded per tensor by
+    the executor) in model order, and keeps entry j when u_j < d_i, u = ``torch.rand(n)`` from
+    a generator seeded s_i (flat order); density 1 draws nothing. Masks and rescale run in
+    float32 (float64 for float64).
     """
-    dropped = _dropped(xs, base, density, rescale, generator)
-    return merge_deltas(base, dropped, weight, elect=False, normalize=normalize, lambda_=lambda_)
+    parts = _drops(base, density, rescale, generator)
+    return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
 
 
 @merge_method("dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
@@ -82,5 +83,5 @@ def dare_ties(
     As in mergekit there is no division by default; ``normalize=True`` divides by
     sum_i m_i w_i (0 becomes 1).
     """
-    dropped = _dropped(xs, base, density, rescale, generator)
-    return merge_deltas(base, dropped, weight, elect=True, normalize=normalize, lambda_=lambda_)
+    parts = _drops(base, density, rescale, generator)
+    return gta_merge(xs, base, parts, weight, elect=True, normalize=normalize, lambda_=lambda_)

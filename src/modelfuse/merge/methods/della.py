@@ -7,12 +7,14 @@ from pydantic import Field, model_validator
 
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
+    KeepAll,
+    RankKeep,
     Rescale,
+    Sparsifier,
     WeightDensity,
     check_della_range,
-    drop_by_rank,
-    merge_deltas,
-    sparsified_stack,
+    gta_merge,
+    model_seeds,
 )
 
 PAPER = (
@@ -43,17 +45,18 @@ class DellaLinearShared(DellaShared):
     normalize: bool = False
 
 
-def _pruned(
-    xs: list[torch.Tensor],
+def _prunes(
     base: torch.Tensor,
     density: list[float],
     epsilon: list[float],
     rescale: str,
     generator: torch.Generator | None,
-) -> torch.Tensor:
-    return sparsified_stack(
-        xs, base, lambda i, tau: drop_by_rank(tau, density[i], epsilon[i], rescale, generator)
-    )
+) -> list[Sparsifier]:
+    seeds = model_seeds(generator, [d < 1 for d in density], base.device)
+    return [
+        KeepAll() if d >= 1 else RankKeep(d, e, rescale, s, base.shape)
+        for d, e, s in zip(density, epsilon, seeds)
+    ]
 
 
 @merge_method("della", shared=DellaShared, per_model=DellaModel, base="required", paper=PAPER)
@@ -76,13 +79,15 @@ def della(
     drop, rescale survivors by 1/(1 - p_i); then elect signs and fuse (TIES).
     mergekit (the default): per row (a 1-D tensor is one row; more dims: along dim 1) rank
     r of |tau| (1..n, ``torch.argsort`` order for equal values), keep probability
-    p = (d - eps) + 2 eps (r - 1) / (n - 1), Bernoulli from ``generator``, then the L1
+    p = (d - eps) + 2 eps (r - 1) / (n - 1); kept where u < p, u = ``torch.rand`` from a
+    generator seeded by a seed each model with d < 1 draws from ``generator`` in model
+    order (rows in flat order), then the L1
     rescale (``rescale="l1"``; the paper's per-entry 1/p is ``"inverse_density"``).
     Requires 0 < d - eps and d + eps < 1 whenever d < 1 (density 1 keeps everything).
     Vote on u_i = w_i pruned_i, m_i = [sign(u_i) == s], D = sum_i m_i w_i (0 becomes 1).
     """
-    pruned = _pruned(xs, base, density, epsilon, rescale, generator)
-    return merge_deltas(base, pruned, weight, elect=True, normalize=normalize, lambda_=lambda_)
+    parts = _prunes(base, density, epsilon, rescale, generator)
+    return gta_merge(xs, base, parts, weight, elect=True, normalize=normalize, lambda_=lambda_)
 
 
 @merge_method("della_linear", shared=DellaLinearShared, per_model=DellaModel, base="required", paper=PAPER)
@@ -103,5 +108,5 @@ def della_linear(
     Pruning and rescale as in ``della``; no division by default (mergekit),
     ``normalize=True`` divides by sum_i w_i.
     """
-    pruned = _pruned(xs, base, density, epsilon, rescale, generator)
-    return merge_deltas(base, pruned, weight, elect=False, normalize=normalize, lambda_=lambda_)
+    parts = _prunes(base, density, epsilon, rescale, generator)
+    return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)

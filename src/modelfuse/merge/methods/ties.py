@@ -10,13 +10,14 @@ from pydantic import Field
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods._base import Params, merge_method
 from modelfuse.merge.methods._sparsify import (
+    KeepAll,
     Rescale,
+    Sparsifier,
+    Threshold,
     TieBreak,
+    TopK,
     WeightDensity,
-    merge_deltas,
-    sparsified_stack,
-    trim_threshold,
-    trim_top_k,
+    gta_merge,
 )
 
 
@@ -30,7 +31,7 @@ class TiesShared(Params):
     rescale: Rescale = "none"
     vote: Literal["weighted", "unweighted"] = "weighted"
     trim: Literal["tensor", "global"] = "tensor"
-    tie_break: TieBreak = "sort"
+    tie_break: TieBreak = "index"
 
 
 @merge_method(
@@ -62,8 +63,9 @@ def ties(
     disjoint mean over the t whose sign agrees, theta = theta_init + lambda tau_m.
 
     Defaults are mergekit's (``vote="weighted"``, ``trim="tensor"``): per tensor keep the
-    k_i = max(1, floor(d_i n)) largest |tau_i| (equal magnitudes at the cut resolved as
-    ``torch.argsort`` of the float32 magnitudes, descending, orders them), u_i = w_i trimmed
+    k_i = max(1, floor(d_i n)) largest |tau_i| (float32 magnitudes; of equal magnitudes at the
+    cut the first by position stay, ``tie_break="index"``, as mergekit on a GPU; ``"sort"``
+    orders them as torch's CPU ``argsort`` does, mergekit's CPU output bit for bit), u_i = w_i trimmed
     tau_i, s = +1 where sum_i u_i >= 0 else -1, m_i = [sign(u_i) == s] (zeros never count),
     D = sum_i m_i w_i (0 becomes 1), in the base dtype. ``normalize=False`` skips the
     division. ``rescale`` (mergekit's, off by default) rescales the trimmed vector.
@@ -84,14 +86,20 @@ def ties(
                 "vector (per-model 'threshold', computed by the executor); found none for model(s) "
                 f"{[i for i, g in enumerate(given) if not g]}"
             )
-        trimmed = sparsified_stack(
-            xs, base, lambda i, tau: trim_threshold(tau, threshold[i], density[i], rescale)
-        )
+        parts: list[Sparsifier] = [Threshold(t, d, rescale) for t, d in zip(threshold, density)]
     else:
         if any(given):
             raise ConfigError(
                 "ties: per-model 'threshold' is only used with trim: global; remove it or set trim: global"
             )
-        trimmed = sparsified_stack(xs, base, lambda i, tau: trim_top_k(tau, density[i], rescale, tie_break))
-    votes = trimmed.clone() if vote == "unweighted" else None
-    return merge_deltas(base, trimmed, weight, elect=True, normalize=normalize, lambda_=lambda_, votes=votes)
+        parts = [KeepAll() if d >= 1 else TopK(d, rescale, tie_break) for d in density]
+    return gta_merge(
+        xs,
+        base,
+        parts,
+        weight,
+        elect=True,
+        normalize=normalize,
+        lambda_=lambda_,
+        unweighted_vote=vote == "unweighted",
+    )
