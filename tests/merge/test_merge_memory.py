@@ -71,5 +71,5 @@ def test_merge_of_four_1gb_models_stays_under_1gb_of_rss(tmp_path):
     grown = report["peak"] - report["after_torch"]
     print(f"merge of 4 x 1 GiB: peak RSS {report['peak']:.0f} MiB, {grown:.0f} MiB above import torch")
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 1
-    assert grown < 1024, f"peak RSS grew {grown:.0f} MiB above the post-import RSS"
+    assert grown * 2**20 < 1e9, f"peak RSS grew {grown:.0f} MiB above the post-import RSS (limit: 1 GB)"
     shutil.rmtree(tmp_path, ignore_errors=True)

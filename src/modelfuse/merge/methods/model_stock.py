@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._sparsify import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
 
 
@@ -35,25 +36,60 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
     one row). Needs the base and at least two models. Task vectors that are all zero give
     cos = 0, t = 0: the base. No guard where 1 + (N - 1) cos = 0 (antiparallel task vectors).
     Computed in float32 (float64 for float64 inputs), returned in the base tensor's dtype.
+    Runs in blocks of rows (whole tensor: pass 1 sums the pairwise dot products block by
+    block in float64, pass 2 writes the output), so no full-size temporaries exist.
     """
     work = accumulation_dtype(base.dtype)
-    w0 = base.to(work)
-    ws = [x.to(work) for x in xs]
-    if filter_wise and w0.dim() >= 2:
-        rows = [w0, *ws]
-    elif filter_wise:
-        rows = [v.reshape(1, -1) for v in (w0, *ws)]
+    n = len(xs)
+    if filter_wise:
+        width = base.shape[-1] if base.dim() >= 2 else base.numel()
     else:
-        rows = [v.reshape(-1) for v in (w0, *ws)]
-    taus = [r - rows[0] for r in rows[1:]]
-    cosines = []
-    for i, a in enumerate(taus):
-        for b in taus[i + 1 :]:
-            norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
-            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1.0, 1.0))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    t = n * cos / (1 + (n - 1) * cos)
-    avg = sum(rows[1:]) / n
-    out = t * avg + (1 - t) * rows[0]
-    return out.reshape(base.shape).to(base.dtype)
+        width = base.numel()
+    out = torch.empty_like(base)
+    if base.numel() == 0:
+        return out
+    flat_base, flat_out = base.reshape(-1), out.view(-1)
+    flat_xs = [x.reshape(-1) for x in xs]
+    rows = max(1, BLOCK // width) if filter_wise else 1
+    size = rows * width if filter_wise else min(BLOCK, base.numel())
+    taus = torch.empty((n, size), dtype=work, device=base.device)
+
+    def deltas(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w0 = flat_base[a:b].to(work)
+        for i, x in enumerate(flat_xs):
+            torch.sub(x[a:b].to(work), w0, out=taus[i, : b - a])
+        return w0, taus[:, : b - a]
+
+    def ratio(dots: torch.Tensor) -> torch.Tensor:
+        """t from the Gram matrices ``dots`` (..., n, n) of the task vectors."""
+        norms = dots.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+        pairs = [
+            (dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+        cos = torch.stack(pairs).mean(dim=0)
+        return n * cos / (1 + (n - 1) * cos)
+
+    def write(a: int, b: int, w0: torch.Tensor, t: torch.Tensor | float) -> None:
+        avg = sum(x[a:b].to(work) for x in flat_xs) / n
+        flat_out[a:b] = t * avg + (1 - t) * w0
+
+    total = base.numel()
+    if not filter_wise:
+        gram = torch.zeros((n, n), dtype=torch.float64, device=base.device)
+        for a in range(0, total, size):
+            _, tau = deltas(a, min(a + size, total))
+            gram += (tau @ tau.T).double()
+        t = float(ratio(gram))
+        for a in range(0, total, size):
+            b = min(a + size, total)
+            write(a, b, flat_base[a:b].to(work), t)
+        return out
+    for a in range(0, total, size):  # whole rows per block: ratio and output in one pass
+        b = min(a + size, total)
+        w0, tau = deltas(a, b)
+        tau = tau.view(n, -1, width)
+        gram = torch.einsum("irc,jrc->rij", tau, tau).double()
+        write(a, b, w0, ratio(gram).to(work).repeat_interleave(width))
+    return out
