@@ -6,6 +6,9 @@ import torch
 
 from modelfuse.merge.methods._base import Params, merge_method
 
+#: entries per block (as the sparsifying methods: buffers stay in cache)
+BLOCK = 1 << 16
+
 
 class LinearShared(Params):
     normalize: bool = True
@@ -38,11 +41,20 @@ def linear(
     """
     acc = accumulation_dtype(xs[0].dtype)
     w = torch.tensor(weight, dtype=torch.float32).to(acc)
-    out = torch.mul(xs[0].to(acc), w[0])
-    term = torch.empty_like(out) if len(xs) > 1 else out
-    for wi, x in zip(w[1:], xs[1:]):
-        torch.mul(x.to(acc), wi, out=term)  # w_i x_i rounded, then summed: mergekit's order
-        out.add_(term)
-    if normalize:
-        out.div_(w.sum())
-    return out.to(xs[0].dtype)
+    total = w.sum()
+    out = torch.empty_like(xs[0])
+    flat_out, flats = out.view(-1), [x.reshape(-1) for x in xs]
+    # in blocks: the same elementwise operations, with cache-sized buffers instead of two
+    # full-size temporaries
+    size = max(1, min(BLOCK, out.numel()))
+    sums = torch.empty(size, dtype=acc, device=out.device)
+    term = torch.empty(size, dtype=acc, device=out.device)
+    for a in range(0, out.numel(), size):
+        b = min(a + size, out.numel())
+        s = torch.mul(flats[0][a:b].to(acc), w[0], out=sums[: b - a])
+        for wi, x in zip(w[1:], flats[1:]):
+            s.add_(torch.mul(x[a:b].to(acc), wi, out=term[: b - a]))  # w_i x_i rounded, then summed
+        if normalize:
+            s.div_(total)
+        flat_out[a:b] = s
+    return out

@@ -41,10 +41,7 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
     """
     work = accumulation_dtype(base.dtype)
     n = len(xs)
-    if filter_wise:
-        width = base.shape[-1] if base.dim() >= 2 else base.numel()
-    else:
-        width = base.numel()
+    width = base.shape[-1] if filter_wise and base.dim() >= 2 else base.numel()  # one row
     out = torch.empty_like(base)
     if base.numel() == 0:
         return out

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods.linear import Weight
+from modelfuse.merge.methods.linear import BLOCK, Weight
 
 
 class TaskArithmeticShared(Params):
@@ -31,13 +31,20 @@ def task_arithmetic(
     """
     dtype = base.dtype
     w = torch.tensor(weight, dtype=dtype, device=base.device)
-    total = torch.zeros_like(base)
-    tau = torch.empty_like(base)
-    for wi, x in zip(w, xs):
-        torch.sub(x.to(dtype), base, out=tau)
-        tau.mul_(wi)  # w_i tau_i rounded, then summed: mergekit's order
-        total.add_(tau)
-    if normalize:
-        div = w.sum()
-        total /= div if div.abs() >= 1e-8 else torch.ones_like(div)
-    return total.mul_(lambda_).add_(base)
+    div = w.sum()
+    if div.abs() < 1e-8:
+        div = torch.ones_like(div)
+    out = torch.empty_like(base)
+    flat_out, flat_base, flats = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in xs]
+    size = max(1, min(BLOCK, out.numel()))  # blocks: the same elementwise operations, in cache
+    tau = torch.empty(size, dtype=dtype, device=base.device)
+    for a in range(0, out.numel(), size):
+        b = min(a + size, out.numel())
+        total = flat_out[a:b].zero_()
+        for wi, x in zip(w, flats):
+            torch.sub(x[a:b].to(dtype), flat_base[a:b], out=tau[: b - a])
+            total.add_(tau[: b - a].mul_(wi))  # w_i tau_i rounded, then summed: mergekit's order
+        if normalize:
+            total /= div
+        total.mul_(lambda_).add_(flat_base[a:b])
+    return out
