@@ -211,7 +211,7 @@ def run_tasks(
         global_trim_thresholds(plan)
 
     sizes = [sum(plan.models[m].nbytes(n) for m, n in t.inputs) for t in tasks]
-    buffers = BufferPool(cap=read_ahead_bytes)
+    buffers = BufferPool(cap=read_ahead_bytes // 4)
 
     with (
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
