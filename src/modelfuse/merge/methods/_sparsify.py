@@ -115,11 +115,6 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def magnitudes(tau: torch.Tensor) -> torch.Tensor:
-    """|tau| as a flat float32 tensor: what mergekit ranks for its deterministic trims."""
-    return tau.abs().reshape(-1).float()
-
-
 # ---------------------------------------------------------------------------------------------
 # Task vectors by blocks
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +181,6 @@ class MagnitudeSource:
         store: torch.Tensor | None = None,
     ):
         self.blocks, self.at, self.n, self.store = blocks, at, n, store
-
-    @classmethod
-    def of(cls, w: torch.Tensor) -> MagnitudeSource:
-        """The magnitudes of one flat float32 tensor held in memory."""
-        return cls(lambda: iter([w]), lambda where: w[where], w.numel())
 
     def order_statistics(self, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
         return order_statistics(self.blocks, self.at, self.n, ranks, self.store)
@@ -888,13 +878,6 @@ def largest_magnitudes(tau: torch.Tensor, k: int, tie_break: str = "index") -> t
 def magnitude_window(tau: torch.Tensor, lo: int, hi: int, tie_break: str = "index") -> torch.Tensor:
     """Boolean mask of ascending sorted positions ``[lo, hi)`` of |tau| (float32), ties per ``tie_break``."""
     return _mask_of(tau, Window(1.0, 0.0, "none", tie_break, span=(lo, hi)))
-
-
-def trim_top_k(
-    tau: torch.Tensor, density: float, rescale: str = "none", tie_break: str = "index"
-) -> torch.Tensor:
-    """TIES trim of one task vector: the k = max(1, floor(density * n)) largest |tau| (all at density 1)."""
-    return tau if density >= 1 else sparsify(tau, TopK(density, rescale, tie_break))
 
 
 def drop_random(
