@@ -435,7 +435,7 @@ class Sparsifier:
         """Model i's sparsified, rescaled task vector on [a, b), in ``out``'s dtype."""
         tau = tv.block(i, a, b)
         keep, prob = self.keep(tv, tau, a, b)
-        if keep is None and self.rescale not in ("inverse_density",) and self.factor == 1.0:
+        if keep is None and self.rescale != "inverse_density" and self.factor == 1.0:
             out.copy_(tau)
             return
         work = self._work(tau)
