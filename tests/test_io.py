@@ -219,6 +219,47 @@ def test_tensors_read_are_owned_by_the_caller(tmp_path, kind):
     assert torch.equal(ref["w"], torch.zeros(64))
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "pytorch", "memory"])
+def test_mapped_tensors_equal_read_ones_and_writes_stay_private(tmp_path, kind):
+    """``map`` gives the values ``get`` gives (safetensors: without a copy, at unaligned
+    offsets and for empty tensors too); writing into a mapped tensor changes neither the
+    file nor later reads."""
+    g = torch.Generator().manual_seed(0)
+    ref = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randint(0, 100, (7,), dtype=torch.int8),  # odd sizes shift the next offsets
+        "c": torch.randn(1000, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4),
+        "d": torch.randn(2, 2, generator=g).double(),
+    }
+    if kind == "safetensors":
+        source = tmp_path / "w.safetensors"
+        save_file(ref, source)
+        before = source.read_bytes()
+    elif kind == "pytorch":
+        source = tmp_path / "w.pt"
+        torch.save(ref, source)
+    else:
+        source = ref
+    ck = open_checkpoint(source)
+    for name, want in ref.items():
+        got = ck.map(name)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+        if got.numel():
+            got.view(-1)[0] = 1
+            assert torch.equal(ck.get(name), want)
+            assert torch.equal(ck.map(name), want)
+    assert torch.equal(ref["a"], open_checkpoint(source)["a"] if kind != "memory" else ref["a"])
+    if kind == "safetensors":
+        assert source.read_bytes() == before
+    with pytest.raises(CheckpointError, match="no tensor named 'nope'"):
+        ck.map("nope")
+    ck.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ck.map("a")
+
+
 # ---------------------------------------------------------------------------------------------
 # writer round trips
 

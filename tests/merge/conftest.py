@@ -59,3 +59,18 @@ def family(tmp_path):
         states[f"ft{i}"] = llama_state(i, base=base, scale=0.1)
     paths = {name: write_model(tmp_path / name, sd) for name, sd in states.items()}
     return paths, states
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def merge_path(request):
+    """Run a test once through the compiled CPU kernels and once through the torch blocks
+    (the path GPUs and other dtypes take); yields the path's name."""
+    from modelfuse.merge.methods import _kernels
+
+    if request.param == "kernels" and not _kernels.available():
+        pytest.fail("numba is a dependency of modelfuse; the compiled kernels should be available")
+    before = _kernels.set_enabled(request.param == "kernels")
+    try:
+        yield request.param
+    finally:
+        _kernels.set_enabled(before)

@@ -75,3 +75,62 @@ def test_task_arithmetic_with_lambda_zero_gives_the_base():
     out = merge_state_dicts("task_arithmetic", fts, base, **{"lambda": 0.0})
     for name in base:
         assert torch.equal(out[name], base[name])
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "dtype"),
+    [
+        ("ties", {"density": 0.5}, "float32"),
+        ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.1}, "float32"),
+        ("dare_ties", {"density": 0.5}, "float32"),
+        ("linear", {}, "float32"),
+        ("task_arithmetic", {}, "float32"),
+        ("model_stock", {}, "float32"),
+        ("ties", {"density": 0.5}, "bfloat16"),
+    ],
+)
+def test_file_merge_equals_the_in_memory_merge(tmp_path, family, monkeypatch, method, params, dtype):
+    """A merge of checkpoint folders (inputs memory-mapped, outputs in reused buffers that go
+    back to the pool once written) gives the in-memory API's tensors, even when the writes
+    lag behind the computes (a slow disk: a buffer reused too early would show here)."""
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from modelfuse.io.writer import CheckpointWriter
+    from modelfuse.merge import merge
+
+    paths, states = family
+    slow = CheckpointWriter._write_declared
+
+    def lagging(self, name, tensor):
+        time.sleep(0.01)
+        return slow(self, name, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "_write_declared", lagging)
+    weights = [1.0, 0.5, 0.25]
+    per_model = [{"weight": w} for w in weights] if method != "model_stock" else [{}] * 3
+    with_base = method != "linear"
+    recipe = {
+        "merge_method": method,
+        "parameters": params,
+        "dtype": dtype,
+        "models": [{"model": str(paths[f"ft{i}"]), "parameters": p} for i, p in zip((1, 2, 3), per_model)],
+    }
+    if with_base:
+        recipe["base_model"] = str(paths["base"])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = merge(tmp_path / "recipe.yaml", tmp_path / "out", progress=False)
+    got = load_file(str(out / "model.safetensors"))
+    want = merge_state_dicts(
+        method,
+        [states[f"ft{i}"] for i in (1, 2, 3)],
+        states["base"] if with_base else None,
+        model_params=per_model,
+        dtype=dtype,
+        **params,
+    )
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

@@ -184,6 +184,7 @@ DTYPES = [np.float32, np.float64]
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("normalize", [True, False])
@@ -197,6 +198,7 @@ def test_ties_matches_reference(dtype, shape, normalize):
     assert_close(got, ref, dtype)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_ties_trim_keeps_at_least_one_entry():
     # floor(0.01 * 37) = 0, mergekit keeps max(1, .) = 1: the largest
     xs, base = models(1, 2, (37,))
@@ -206,6 +208,7 @@ def test_ties_trim_keeps_at_least_one_entry():
     assert changed.tolist() == [int(np.argmax(np.abs(tau)))]
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.75])
 def test_ties_tie_breaking_on_small_tensor_is_index_order(density):
     # 16 entries, magnitudes 1 or 2 only: the cut falls inside a group of equal magnitudes
@@ -218,6 +221,7 @@ def test_ties_tie_breaking_on_small_tensor_is_index_order(density):
     np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("tie_break", ["index", "sort"])
 def test_ties_tie_breaking_on_large_tensor(tie_break):
     # beyond 16 entries torch's CPU sort is not stable: the "sort" reference uses torch.argsort
@@ -304,6 +308,7 @@ def test_ties_unweighted_vote_matches_reference_with_trimming():
     assert_close(got, ref, np.float64)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_ties_divisor_zero_becomes_one():
     # weights 1 and -1, both weighted deltas positive: both agree, D = 1 - 1 = 0 -> 1
     base = np.zeros(1)
@@ -311,6 +316,7 @@ def test_ties_divisor_zero_becomes_one():
     np.testing.assert_array_equal(got, [5.0])
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_ties_global_trim_keeps_entries_above_the_given_threshold():
     xs, base = models(2, 5, (40,), np.float64)
     taus = np_task_vectors(xs, base)
@@ -326,6 +332,7 @@ def test_ties_global_trim_keeps_entries_above_the_given_threshold():
         run("ties", xs, base, per_model)  # threshold without trim: global
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_ties_with_density_one_and_agreeing_signs_is_normalised_task_arithmetic():
     rng = np.random.default_rng(6)
     base = rng.standard_normal((5, 7)).astype(np.float32)
@@ -358,6 +365,7 @@ AVERAGING = [  # (method, per-model params, shared params): N identical fine-tun
 ]
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize(("name", "per_model", "shared"), AVERAGING)
 def test_identical_fine_tunes_give_the_fine_tune(name, per_model, shared):
     xs, base = models(1, 7, (6, 5), np.float64)
@@ -369,6 +377,7 @@ def test_identical_fine_tunes_give_the_fine_tune(name, per_model, shared):
 WITH_LAMBDA = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("name", WITH_LAMBDA)
 def test_lambda_zero_gives_the_base(name):
     xs, base = models(3, 8, (4, 6), np.float32)
@@ -521,6 +530,7 @@ def test_rescale_accepts_mergekit_booleans():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37,), (6, 9), (200,)])
@@ -534,6 +544,7 @@ def test_breadcrumbs_matches_reference(name, dtype, shape):
     assert_close(got, ref, dtype)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_breadcrumbs_window_with_ties_and_clipped_top():
     # 16 entries, magnitudes 1..4 repeated; d = 0.5, gamma = 0.25: drop 4 top, 4 bottom, keep 8
     base = np.zeros(16, np.float32)
@@ -864,3 +875,80 @@ def test_blocks_give_the_bytes_of_one_whole_tensor_pass(name, per_model, shared,
         )
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled kernels against the torch blocks
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_CASES = [
+    ("ties", {"density": 0.3}, {}),
+    ("ties", {"density": 0.05}, {"normalize": False, "lambda": 0.7}),
+    ("ties", {"density": 0.9}, {"rescale": "inverse_density"}),
+    ("ties", {"density": 1.0}, {}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.1}, {}),
+    ("breadcrumbs", {"density": 0.97, "gamma": 0.01}, {"normalize": True, "lambda": 1.5}),
+    ("breadcrumbs_ties", {"density": 0.4, "gamma": 0.2}, {"rescale": "inverse_density"}),
+    ("breadcrumbs_ties", {"density": 0.0001, "gamma": 0.0}, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "per_model", "shared"), KERNEL_CASES)
+@pytest.mark.parametrize("n_models", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(1,), (5000,), (37, 151)])
+@pytest.mark.parametrize("grid", [True, False])
+def test_kernels_give_the_bytes_of_the_torch_blocks(name, per_model, shared, n_models, shape, grid):
+    """The numba kernels do the torch path's float32 operations in its order: the same bytes,
+    on tie-heavy deltas (a grid: equal magnitudes straddle the cuts, across kernel blocks)
+    and on continuous ones, with positive, negative and cancelling weights."""
+    from modelfuse.merge.methods import _kernels
+
+    rng = np.random.default_rng(hash((name, n_models, shape, grid)) % 2**32)
+    base = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    if grid:
+        xs = [
+            base + torch.from_numpy(rng.integers(-4, 5, shape).astype(np.float32) * 0.125)
+            for _ in range(n_models)
+        ]
+    else:
+        xs = [
+            base + torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 0.01)
+            for _ in range(n_models)
+        ]
+    for weights in ([1.0] * n_models, [0.5, -1.25, 2.0, 0.75][:n_models], [1.0, -1.0, 0.5, -0.5][:n_models]):
+        models = [{**per_model, "weight": w} for w in weights]
+        before = _kernels.set_enabled(True)
+        try:
+            fast = get_method(name)(xs, base, models=models, **shared)
+            _kernels.set_enabled(False)
+            slow = get_method(name)(xs, base, models=models, **shared)
+        finally:
+            _kernels.set_enabled(before)
+        assert fast.dtype == slow.dtype == torch.float32 and fast.shape == slow.shape
+        assert torch.equal(fast.view(torch.int32), slow.view(torch.int32)), (weights, (fast != slow).sum())
+
+
+def test_kernels_apply_to_float32_cpu_and_leave_the_rest_to_torch():
+    from modelfuse.merge.methods import _kernels
+
+    calls = []
+    real = _kernels.cut_merge
+
+    def spy(*args, **kwargs):
+        calls.append(args[0][0].dtype)
+        return real(*args, **kwargs)
+
+    base = torch.randn(300)
+    xs = [base + torch.randn(300) * 0.1 for _ in range(2)]
+    before = _kernels.set_enabled(True)
+    try:
+        _kernels.cut_merge = spy
+        get_method("ties")(xs, base, models=[{"density": 0.5}] * 2)
+        get_method("ties")([x.double() for x in xs], base.double(), models=[{"density": 0.5}] * 2)
+        get_method("ties")(xs, base, models=[{"density": 0.5}] * 2, tie_break="sort")
+        get_method("ties")(xs, base, models=[{"density": 0.5}] * 2, vote="unweighted")
+        get_method("ties")(xs, base, models=[{"density": 0.5}] * 2, rescale="l1")
+    finally:
+        _kernels.cut_merge = real
+        _kernels.set_enabled(before)
+    assert calls == [np.float32]  # float64, the sort tie-break, the unweighted vote, a norm rescale: torch

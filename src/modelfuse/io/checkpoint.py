@@ -9,8 +9,10 @@ data is read one tensor at a time, so a merge's memory is bounded by tensors, no
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import mmap
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -76,6 +78,12 @@ class _Source(ABC):
         """One tensor's values, in a tensor the caller owns: in ``into`` (a uint8 buffer of at
         least the tensor's size in bytes) when given, so that a caller can reuse memory."""
 
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor's values without a copy where the format allows (a private memory map of
+        its bytes in the file); otherwise as :meth:`read`. The mapping closes when the last
+        view of it is freed."""
+        return self.read(name)
+
     def close(self) -> None:  # noqa: B027  (a default: sources without open handles keep it)
         """Release open handles (sources without any have nothing to do)."""
 
@@ -134,10 +142,47 @@ class _SafetensorsSource(_Source):
             return torch.empty(entry.shape, dtype=entry.dtype)
         return out.view(entry.dtype).reshape(entry.shape)
 
+    def map(self, name: str) -> torch.Tensor:
+        """A copy-on-write map of the tensor's pages: reading them costs no copy, and writes
+        (which a merge does not make) would stay private to this process."""
+        entry = self.header.tensors[name]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        start = self.header.data_start + entry.begin
+        skip = start % mmap.ALLOCATIONGRANULARITY
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            region = mmap.mmap(
+                self._fd,
+                skip + entry.nbytes,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start - skip,
+            )
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot map tensor {name!r} ({exc})") from exc
+        _populate(region)
+        data = torch.frombuffer(region, dtype=torch.uint8, count=entry.nbytes, offset=skip)
+        return data.view(entry.dtype).reshape(entry.shape)
+
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault the pages in now (reading them from disk if needed)
+
+
+def _populate(region: mmap.mmap) -> None:
+    """Fault a fresh mapping's pages in now, so that the thread that maps (a reader) pays for
+    the faults and any disk reads instead of the one that computes. Older kernels: a hint."""
+    try:
+        region.madvise(_MADV_POPULATE_READ)
+    except (OSError, AttributeError):
+        with contextlib.suppress(OSError, AttributeError):
+            region.madvise(mmap.MADV_WILLNEED)
 
 
 class _TorchSource(_Source):
@@ -281,6 +326,17 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if self._closed:
             raise CheckpointError(f"{self._describe()} was closed; open it again to read {name!r}")
         return source.read(name, into)
+
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped without a copy where its file allows it (safetensors:
+        a private, copy-on-write map whose pages are faulted in now); otherwise read as
+        :meth:`get`. The mapping is released when the last view of the tensor is freed."""
+        source = self._where.get(name)
+        if source is None:
+            raise self._missing(name)
+        if self._closed:
+            raise CheckpointError(f"{self._describe()} was closed; open it again to read {name!r}")
+        return source.map(name)
 
     # -- metadata without data -----------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:

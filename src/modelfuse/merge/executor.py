@@ -7,11 +7,13 @@ streams each result to its declared offset in the output shard.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import os
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from modelfuse._memory import release_free_memory
 from modelfuse.errors import FusionError
 from modelfuse.io import CheckpointWriter
 from modelfuse.io.checkpoint import CONFIG_FILES, TOKENIZER_FILES
+from modelfuse.merge.methods._base import workspace
 from modelfuse.merge.plan import MergePlan, TensorTask
 from modelfuse.progress import progress as progress_bar
 
@@ -76,12 +79,17 @@ Loaded = tuple[dict[tuple[str, str], torch.Tensor], list[torch.Tensor]]
 
 
 def _load(plan: MergePlan, task: TensorTask, pool: BufferPool | None = None) -> Loaded:
-    """The task's inputs, read into pooled buffers (returned too, to be given back after use)."""
+    """The task's inputs: safetensors memory-mapped (no copy; the pages are faulted in here,
+    on a reader thread), other formats read into pooled buffers (returned too, to be given
+    back after use)."""
     tensors, buffers = {}, []
     for pair in task.inputs:
         model = plan.models[pair[0]]
         if pool is None:
             tensors[pair] = model.get(pair[1])
+            continue
+        if model.format == "safetensors":
+            tensors[pair] = model.map(pair[1])
             continue
         buf = pool.take(model.nbytes(pair[1]))
         tensors[pair] = model.get(pair[1], into=buf)
@@ -195,11 +203,15 @@ def run_tasks(
     read_ahead_bytes: int = 256 * 2**20,
     threads: int = 4,
     progress: bool | None = None,
+    reuse_results: bool = False,
 ) -> None:
     """Compute every task of ``plan`` in order and hand each result to ``sink(name, tensor)``.
 
     Reads for the next tasks run on ``threads`` threads while the current one computes,
     up to ``read_ahead_bytes`` of inputs in flight (always at least one task ahead).
+    ``reuse_results``: the sink is done with a result when it returns (it copies it out,
+    e.g. into a file), so the memory of results and of the methods' scratch arrays comes
+    from a pool of reused buffers (see ``methods._base.new_empty``).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -214,11 +226,12 @@ def run_tasks(
     buffers = BufferPool(cap=read_ahead_bytes // 4)
 
     with (
+        _quiet_runtime(dev),
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelfuse-write") as writer,
         progress_bar("merge", total=plan.nbytes, unit="bytes", show=progress) as bar,
     ):
-        writes: deque[Future] = deque()  # results being handed to the sink, oldest first
+        writes: deque[tuple[Future, list[torch.Tensor]]] = deque()  # results being written, oldest first
         pending: deque[tuple[TensorTask, Future, int]] = deque()
         held = 0  # input bytes loaded or loading, the task being computed included
         nxt = 0
@@ -234,26 +247,62 @@ def run_tasks(
                 if size > read_ahead_bytes:  # a large tensor is read alone: the peak comes now
                     release_free_memory()
                 inputs, used = future.result()
-                result = compute(task, inputs, seed, dev)
+                taken: list[torch.Tensor] = []  # the method's output and scratch memory, pooled
+
+                def take(nbytes: int, taken: list[torch.Tensor] = taken) -> torch.Tensor:
+                    taken.append(buffers.take(nbytes))
+                    return taken[-1]
+
+                with workspace(take) if reuse_results else contextlib.nullcontext():
+                    result = compute(task, inputs, seed, dev)
                 if _shares_memory(result, used):  # e.g. a copied tensor: the buffer goes back to the pool
                     result = result.clone()
                 del inputs
-                for buf in used:
+                in_result = [buf for buf in taken if _shares_memory(result, [buf])]
+                for buf in used + [buf for buf in taken if not any(buf is r for r in in_result)]:
                     buffers.give(buf)
                 held -= size
                 # the sink (a file write) runs beside the next compute; two results at most in flight
                 while len(writes) >= 2:
-                    writes.popleft().result()
-                writes.append(writer.submit(sink, task.out, result))
+                    _finish(writes.popleft(), buffers)
+                writes.append((writer.submit(sink, task.out, result), in_result))
                 del result
                 bar.advance(task.nbytes)
             while writes:
-                writes.popleft().result()
+                _finish(writes.popleft(), buffers)
         finally:
             for _, future, _ in pending:
                 future.cancel()
-            for future in writes:
+            for future, _ in writes:
                 future.cancel()
+
+
+@contextlib.contextmanager
+def _quiet_runtime(dev: torch.device) -> Iterator[None]:
+    """What the merge loop runs in. Torch computes on one core fewer than the machine has
+    (CPU only): the reader and writer threads need one, and torch's idle OpenMP workers
+    spin-wait for the next operation, which on a small machine takes the CPU from them
+    (a quarter of a 2-core linear merge's samples were spinning). And the objects that
+    exist at the start (imports: about a million) are left out of garbage collections,
+    which otherwise scan them again and again as the loop allocates small objects."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, min(threads, cores - 1)))
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+
+
+def _finish(write: tuple[Future, list[torch.Tensor]], buffers: BufferPool) -> None:
+    """Wait for a result's write, then give the pooled memory it lived in back."""
+    future, memory = write
+    future.result()
+    for buf in memory:
+        buffers.give(buf)
 
 
 def model_card(plan: MergePlan, recipe_text: str, out: Path) -> str:
@@ -301,7 +350,7 @@ def write_merge(
         target, max_shard_size=out_shard_size, metadata=metadata, force=force, protect=plan.input_paths()
     ) as writer:
         writer.declare({t.out: (t.shape, t.out_dtype) for t in plan.tasks})
-        run_tasks(plan, writer.add, seed=seed, device=device, progress=progress)
+        run_tasks(plan, writer.add, seed=seed, device=device, progress=progress, reuse_results=True)
         if plan.config is not None:
             writer.write_json("config.json", plan.config)
         if plan.config_from is not None:

@@ -12,8 +12,10 @@ and says where mergekit's semantics differ from the paper.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +26,41 @@ from modelfuse.errors import ConfigError
 from modelfuse.registry import Registry
 
 BaseUse = Literal["required", "optional", "none"]
+
+
+_workspace = threading.local()
+
+#: allocator of uint8 CPU memory (a number of bytes -> a 1-d uint8 tensor of that size)
+Allocator = Callable[[int], torch.Tensor]
+
+
+def new_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uninitialised memory for a method's output or a large scratch array.
+
+    Inside ``with workspace(alloc)`` CPU memory comes from ``alloc`` (the executor's pool of
+    reused buffers: memory the process already holds costs no page faults and no zeroing by
+    the kernel, which on some machines costs as much as the merge arithmetic); elsewhere,
+    and on other devices, it is ``torch.empty``.
+    """
+    alloc: Allocator | None = getattr(_workspace, "alloc", None)
+    device = torch.device(device)
+    nbytes = dtype.itemsize
+    for size in shape:
+        nbytes *= int(size)
+    if alloc is None or device.type != "cpu" or nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return alloc(nbytes).view(dtype).view(tuple(shape))
+
+
+@contextlib.contextmanager
+def workspace(alloc: Allocator) -> Iterator[None]:
+    """Let ``new_empty`` on this thread take memory from ``alloc`` (see there)."""
+    before = getattr(_workspace, "alloc", None)
+    _workspace.alloc = alloc
+    try:
+        yield
+    finally:
+        _workspace.alloc = before
 
 
 class Params(BaseModel):

@@ -43,7 +43,8 @@ import torch
 from pydantic import BeforeValidator, Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params
+from modelfuse.merge.methods import _kernels
+from modelfuse.merge.methods._base import Params, new_empty
 
 RescaleMode = Literal["l1", "l2", "linf", "inverse_density", "none"]
 
@@ -164,7 +165,7 @@ class TaskVectors:
 
     def source(self, i: int) -> MagnitudeSource:
         if self._high is None:  # shared by the models: their statistics run one after another
-            self._high = torch.empty(self.n, dtype=torch.int16, device=self.base.device)
+            self._high = new_empty((self.n,), torch.int16, self.base.device)
         return MagnitudeSource(
             self.magnitude_blocks(i), lambda where: self.magnitudes_at(i, where), self.n, self._high
         )
@@ -701,6 +702,9 @@ def gta_merge(
     ``unweighted_vote`` elects on sum_i s_i instead of sum_i w_i s_i. Runs in blocks of
     ``block`` entries (rounded to the parts' row unit), see the module docstring.
     """
+    fast = _kernel_merge(xs, base, parts, weight, elect, normalize, lambda_, unweighted_vote, block)
+    if fast is not None:
+        return fast
     base_flat = base.reshape(-1)
     unit = max((p.unit for p in parts), default=1)
     size = default_block(base.device) if block is None else block
@@ -710,7 +714,7 @@ def gta_merge(
         part.fit(tv, i)
         part.norm_pass(tv, i)
         part.begin()
-    out = torch.empty_like(base)
+    out = new_empty(base.shape, base.dtype, base.device)
     flat_out = out.view(-1)
     n_models = len(parts)
     deltas = torch.empty((n_models, tv.size), dtype=base.dtype, device=base.device)
@@ -733,6 +737,131 @@ def gta_merge(
             lambda_=lambda_,
             votes=v,
         )
+    return out
+
+
+class KernelMagnitudes:
+    """Model i's float32 magnitudes |x_i - base| for order statistics, through the compiled
+    kernels (``_kernels``): the radix select of ``order_statistics`` in two fused passes,
+    remembering the positions of the entries equal to each value it returns."""
+
+    def __init__(self, x: np.ndarray, base: np.ndarray, high: np.ndarray):
+        self.x, self.base, self.high = x, base, high
+        self.n = base.size
+        self.equal: dict[int, np.ndarray] = {}  # value bits -> positions of the equal entries
+        self._hist: np.ndarray | None = None
+
+    def order_statistics(self, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
+        if not ranks or self.n == 0:
+            return []
+        if self._hist is None:
+            self._hist = _kernels.magnitude_highs(self.x, self.base, self.high)
+        below = np.cumsum(self._hist)
+        out = []
+        for r in ranks:
+            bucket = int(np.searchsorted(below, r, side="right"))
+            n_below = int(below[bucket - 1]) if bucket else 0
+            bits, where = _kernels.bucket_entries(
+                self.x, self.base, self.high, bucket, int(self._hist[bucket])
+            )
+            ordered = np.sort(bits)
+            value = int(ordered[r - n_below])
+            first = int(np.searchsorted(ordered, value, side="left"))
+            last = int(np.searchsorted(ordered, value, side="right"))
+            self.equal[value] = where[bits == value]
+            out.append((_float_of_bits(value), n_below + first, last - first))
+        return out
+
+
+def _bits_of_float(value: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def _kernel_rule(cut: MagnitudeCut, source: KernelMagnitudes | None, rule: np.ndarray) -> list[np.ndarray]:
+    """A ``MagnitudeCut`` as the kernel's bounds on the float32 bits (keep lo < bits < hi,
+    in ``rule``), and the positions of the equal entries that its windows keep."""
+    if cut.empty:
+        rule[0], rule[1] = _kernels.NONE_HIGH, _kernels.NONE_HIGH
+        return []
+    if cut.low is not None:
+        bits = _bits_of_float(cut.low)
+        rule[0] = bits - 1 if cut.low_incl else bits
+    if cut.high is not None:
+        bits = _bits_of_float(cut.high)
+        rule[1] = bits + 1 if cut.high_incl else bits
+    assert source is not None or not cut.windows, "position windows come from order statistics"
+    return [source.equal[_bits_of_float(value)][j0:j1] for value, j0, j1 in cut.windows]
+
+
+def _kernel_merge(
+    xs: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    parts: Sequence[Sparsifier],
+    weight: Sequence[float],
+    elect: bool,
+    normalize: bool,
+    lambda_: float,
+    unweighted_vote: bool,
+    block: int | None,
+) -> torch.Tensor | None:
+    """``gta_merge`` through the compiled kernels, or None where they do not apply: they
+    cover float32 on CPU, keep-all parts and magnitude cuts (``tie_break="index"``, no
+    norm rescale), the weighted vote, and the default block size."""
+    if not _kernels.available() or block is not None or unweighted_vote or not parts:
+        return None
+    tensors = [base, *xs]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    for part in parts:
+        if type(part) is KeepAll:
+            continue
+        if not isinstance(part, (TopK, Window, Threshold)) or part.rescale not in ("none", "inverse_density"):
+            return None
+        if isinstance(part, _CutSparsifier) and part.tie_break != "index":
+            return None
+    for i, x in enumerate(xs):
+        _check_shape(i, x, base)
+    flat = [np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors]
+    b, x_arrays = flat[0], tuple(flat[1:])
+    n_models = len(parts)
+    rules = np.zeros((n_models, 5), dtype=np.int64)
+    rules[:, 0], rules[:, 1] = -1, _kernels.NONE_HIGH
+    kept: list[np.ndarray] = []
+    count = 0
+    scale = np.ones((n_models, 2), dtype=np.float32)
+    scale[:, 0] = weight
+    high = None
+    for i, part in enumerate(parts):
+        if type(part) is KeepAll:
+            continue
+        if isinstance(part, Threshold):
+            cut, source = part.cut, None
+        else:
+            if high is None:  # shared: the models' statistics run one after another
+                high = new_empty((b.size,), torch.int16).numpy().view(np.uint16)
+            source = KernelMagnitudes(x_arrays[i], b, high)
+            cut = part.make_cut(source, b.size)
+        positions = np.sort(np.concatenate([np.empty(0, np.int64), *_kernel_rule(cut, source, rules[i])]))
+        rules[i, 2] = 2 if part.rescale == "inverse_density" else 1
+        rules[i, 3], rules[i, 4] = count, count + positions.size
+        kept.append(positions)
+        count += positions.size
+        scale[i, 1] = part.density
+    total = float(MergeScratch(weight, 1, torch.float32, base.device).total)
+    out = new_empty(base.shape, torch.float32)
+    _kernels.cut_merge(
+        x_arrays,
+        b,
+        out.view(-1).numpy(),
+        rules,
+        np.concatenate([np.empty(0, np.int64), *kept]),
+        scale,
+        weight,
+        elect=elect,
+        normalize=normalize,
+        total=total,
+        lam=lambda_,
+    )
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Params, merge_method, new_empty
 
 #: entries per block (as the sparsifying methods: buffers stay in cache)
 BLOCK = 1 << 16
@@ -42,7 +42,7 @@ def linear(
     acc = accumulation_dtype(xs[0].dtype)
     w = torch.tensor(weight, dtype=torch.float32).to(acc)
     total = w.sum()
-    out = torch.empty_like(xs[0])
+    out = new_empty(xs[0].shape, xs[0].dtype, xs[0].device)
     flat_out, flats = out.view(-1), [x.reshape(-1) for x in xs]
     # in blocks: the same elementwise operations, with cache-sized buffers instead of two
     # full-size temporaries

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods._sparsify import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
 
@@ -42,7 +42,7 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
     work = accumulation_dtype(base.dtype)
     n = len(xs)
     width = base.shape[-1] if filter_wise and base.dim() >= 2 else base.numel()  # one row
-    out = torch.empty_like(base)
+    out = new_empty(base.shape, base.dtype, base.device)
     if base.numel() == 0:
         return out
     flat_base, flat_out = base.reshape(-1), out.view(-1)

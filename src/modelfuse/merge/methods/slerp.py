@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods.linear import Weight
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above this |cos| the two directions count as colinear
@@ -59,7 +59,7 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
         theta = math.acos(cos)
         sin_theta = math.sin(theta)
         ca, cb = math.sin(theta - t * theta) / sin_theta, math.sin(t * theta) / sin_theta
-    out = torch.empty_like(base)
+    out = new_empty(base.shape, base.dtype, base.device)
     flat = out.view(-1)
     for z in blocks:
         flat[z] = (ca * a[z].double() + cb * b[z].double()).to(base.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods.linear import BLOCK, Weight
 
 
@@ -34,7 +34,7 @@ def task_arithmetic(
     div = w.sum()
     if div.abs() < 1e-8:
         div = torch.ones_like(div)
-    out = torch.empty_like(base)
+    out = new_empty(base.shape, base.dtype, base.device)
     flat_out, flat_base, flats = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in xs]
     size = max(1, min(BLOCK, out.numel()))  # blocks: the same elementwise operations, in cache
     tau = torch.empty(size, dtype=dtype, device=base.device)
