@@ -31,6 +31,12 @@ import numpy as np
 
 _HIGH = 1 << 15  # buckets of the high 16 bits of a non-negative float32
 NONE_HIGH = 1 << 33  # a bound above every 32-bit pattern
+#: columns of a model's rules row (int64) and scale row (float32), as in _ckernels.c
+R_LO, R_HI, R_MODE, R_KEPT0, R_KEPT1, R_SEED, R_RESCALE = range(7)
+S_WEIGHT, S_P, S_FACTOR = range(3)
+KEEP_ALL, KEEP_CUT, KEEP_RANDOM = 0, 1, 3
+RESCALE_NONE, RESCALE_DIVIDE, RESCALE_FACTOR = 0, 1, 2
+NORM_KIND = {"l1": 1, "l2": 2, "linf": 3}
 _SPEC = importlib.util.find_spec("modelfuse.merge.methods._ckernels")
 _ENABLED = _SPEC is not None and os.environ.get("MODELFUSE_KERNELS", "1") != "0"
 _library: ctypes.CDLL | None = None
@@ -41,6 +47,7 @@ _I64 = ctypes.c_int64
 _SIGNATURES = {
     "mf_magnitude_highs": (None, [_P, _P, _I64, _P, _P]),
     "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _P, _P, _I64]),
+    "mf_keep_norms": (None, [_P, _P, _I64, _P, _P, ctypes.c_float, ctypes.c_int, _P]),
     "mf_cut_merge": (
         ctypes.c_int,
         [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, *[ctypes.c_int] * 3, *[ctypes.c_float] * 2],
@@ -111,6 +118,33 @@ def bucket_entries(
     return bits, where
 
 
+def keep_norms(
+    x: np.ndarray, base: np.ndarray, rule: np.ndarray, kept: np.ndarray, p: float, kind: str
+) -> tuple[float, float]:
+    """(norm of tau, norm of its kept part) for one model's ``rule`` (a rules row, see
+    ``cut_merge``; ``kept``: its positions alone): ``kind`` "l1", "l2" (the norm, not its
+    square) or "linf"; float64 sums."""
+    for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (rule, np.int64, "rule")):
+        _check(a, dtype, name)
+    _check(kept, np.int64, "kept")
+    rule = rule.copy()
+    rule[R_KEPT0], rule[R_KEPT1] = 0, kept.size  # ``kept``: this model's positions only
+    norms = np.zeros(2, np.float64)
+    _lib().mf_keep_norms(
+        _ptr(x),
+        _ptr(base),
+        base.size,
+        _ptr(rule),
+        _ptr(kept),
+        float(np.float32(p)),
+        NORM_KIND[kind],
+        _ptr(norms),
+    )
+    if kind == "l2":
+        norms = np.sqrt(norms)
+    return float(norms[0]), float(norms[1])
+
+
 def cut_merge(
     xs: Sequence[np.ndarray],
     base: np.ndarray,
@@ -125,11 +159,12 @@ def cut_merge(
     total: float,
     lam: float,
 ) -> None:
-    """``merge_block`` over whole float32 tensors (``xs``: 1-d arrays) with model i's task
-    vector cut to ``rules[i, 0] < bits < rules[i, 1]`` (its float32 magnitude's bit
-    pattern) plus the positions ``kept[rules[i, 3]:rules[i, 4]]`` (ascending); ``rules[i, 2]``:
-    0 keeps everything, 1 cuts, 2 cuts and divides by ``scale[i, 1]`` (the density).
-    ``scale[i, 0]`` is the model's weight. The result goes to ``out``."""
+    """``merge_block`` over whole float32 tensors (``xs``: 1-d arrays). Model i's task vector
+    is kept per ``rules[i]`` (int64; columns R_*): ``R_MODE`` KEEP_ALL; KEEP_CUT, the entries
+    whose float32 magnitude bits b have ``R_LO < b < R_HI`` plus the positions
+    ``kept[R_KEPT0:R_KEPT1]`` (ascending); KEEP_RANDOM, where ``uniform(R_SEED, j) <
+    scale[i, S_P]``. ``R_RESCALE``: none, divide by ``scale[i, S_P]``, or multiply by
+    ``scale[i, S_FACTOR]``; ``scale[i, S_WEIGHT]`` is the weight. The result goes to ``out``."""
     n_models = len(xs)
     for i, x in enumerate(xs):
         _check(x, np.float32, f"xs[{i}]")
@@ -143,7 +178,7 @@ def cut_merge(
         (scale, np.float32, "scale"),
     ):
         _check(a, dtype, name)
-    if out.size != base.size or rules.shape != (n_models, 5) or scale.shape != (n_models, 2):
+    if out.size != base.size or rules.shape != (n_models, 7) or scale.shape != (n_models, 3):
         raise ValueError(
             f"shapes: out {out.shape}, rules {rules.shape}, scale {scale.shape} for {n_models} models"
         )

@@ -563,59 +563,73 @@ def model_seeds(generator: torch.Generator | None, draw: Sequence[bool], device:
     return seeds
 
 
-class _StoredDraws(Sparsifier):
-    """A random drop whose mask is drawn once: when a norm rescale needs a pass before the
-    merge, the first pass keeps the mask (one byte per entry) for the second."""
+#: SplitMix64 (Steele, Lea & Flood 2014): the state advances by GOLDEN, the output mixes it
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    value %= 1 << 64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def uniforms(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The random draws of one model: u_j for positions j in [start, start + count), float32.
+
+    u_j is output j of SplitMix64 seeded with ``seed`` (state seed + (j + 1) * GOLDEN mod 2^64,
+    mixed), its top 24 bits times 2^-24: uniform on the float32 grid of [0, 1) that
+    ``torch.rand`` uses. A counter-based stream: any block of positions is drawn alone, in
+    any order, on any device, by the torch code and by the C kernels alike (which do this
+    in their loops).
+    """
+    x = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    x.mul_(_int64(GOLDEN)).add_(_int64(seed))
+    x ^= _shift_right(x, 30)
+    x.mul_(_int64(MIX1))
+    x ^= _shift_right(x, 27)
+    x.mul_(_int64(MIX2))
+    x ^= _shift_right(x, 31)
+    return _shift_right(x, 40).to(torch.float32).mul_(2.0**-24)
+
+
+class _RandomDrop(Sparsifier):
+    """A random drop: entry j is kept when u_j < p_j (``uniforms`` of the model's seed), in
+    the work dtype. The draws depend only on the seed and the position, so the norm pass
+    and the merge pass draw the same ones without storing them."""
 
     float_work = True
 
     def __init__(self, rescale: str, seed: int):
         super().__init__(rescale)
         self.seed = seed
-        self._stored: torch.Tensor | None = None
-        self._filled = False
 
-    def fit(self, tv: TaskVectors, i: int) -> None:
-        self._device = tv.base.device
-        if self.rescale in ("l1", "l2", "linf"):
-            self._stored = torch.empty(tv.n, dtype=torch.bool, device=self._device)
-
-    def begin(self) -> None:
-        self._gen = torch.Generator(device=self._device).manual_seed(self.seed)
-
-    def norm_pass(self, tv: TaskVectors, i: int) -> None:
-        super().norm_pass(tv, i)
-        self._filled = self._stored is not None
-
-    def draw(self, tau: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, float | torch.Tensor]:
-        """(u, p): u ~ U[0, 1) from the model's stream, keep where u < p."""
+    def probabilities(self, tau: torch.Tensor) -> float | torch.Tensor:
         raise NotImplementedError
 
     def keep(self, tv, tau, a, b):
-        if self._filled:  # the second pass of a norm rescale (no keep probability needed)
-            assert self._stored is not None
-            return self._stored[a:b], 1.0
-        u, p = self.draw(tau, a, b)
-        if self._stored is not None:
-            return torch.lt(u, p, out=self._stored[a:b]), p
+        p = self.probabilities(tau)
+        u = uniforms(self.seed, a, b - a, tau.device).to(tau.dtype)
         # 1.0 where u < p: p - u > 0 exactly when u < p (a float difference is 0 only for equal values)
         diff = torch.sub(p, u, out=u) if isinstance(p, torch.Tensor) else u.neg_().add_(p)
         return diff.relu_().sign_(), p
 
 
-class RandomKeep(_StoredDraws):
-    """DARE drop: keep entry j when u_j < density, u = ``torch.rand`` from a generator seeded ``seed``."""
+class RandomKeep(_RandomDrop):
+    """DARE drop: keep entry j when u_j < density (see ``uniforms``)."""
 
     def __init__(self, density: float, rescale: str, seed: int):
         super().__init__(rescale, seed)
         self.density = density
 
-    def fit(self, tv: TaskVectors, i: int) -> None:
-        super().fit(tv, i)
-        self._u = torch.empty(tv.size, dtype=work_dtype(tv.base.dtype), device=self._device)
-
-    def draw(self, tau, a, b):
-        return torch.rand(b - a, generator=self._gen, out=self._u[: b - a]), self.density
+    def probabilities(self, tau):
+        return self.density
 
 
 def _fibres(shape: Sequence[int]) -> tuple[int, int]:
@@ -625,9 +639,9 @@ def _fibres(shape: Sequence[int]) -> tuple[int, int]:
     return math.prod(shape), 1
 
 
-class RankKeep(_StoredDraws):
+class RankKeep(_RandomDrop):
     """DELLA MagPrune: keep probability p = (d - eps) + 2 eps r / (n - 1) from the rank r of |tau|
-    in its row (0-based, ``torch.argsort`` order), kept when u < p (``torch.rand``)."""
+    in its row (0-based, ``torch.argsort`` order), kept when u < p (see ``uniforms``)."""
 
     def __init__(self, density: float, epsilon: float, rescale: str, seed: int, shape: Sequence[int]):
         super().__init__(rescale, seed)
@@ -636,12 +650,8 @@ class RankKeep(_StoredDraws):
         self.row, self.inner = _fibres(shape)
         self.unit = max(1, self.row * self.inner)
 
-    def probabilities(self, tau: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, tau):
         return rank_probabilities(tau.view(-1, self.row, self.inner), self.density, self.epsilon).view(-1)
-
-    def draw(self, tau, a, b):
-        probs = self.probabilities(tau)
-        return torch.rand(b - a, generator=self._gen, dtype=probs.dtype, device=probs.device), probs
 
 
 def rank_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -777,20 +787,28 @@ def _bits_of_float(value: float) -> int:
     return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
-def _kernel_rule(cut: MagnitudeCut, source: KernelMagnitudes | None, rule: np.ndarray) -> list[np.ndarray]:
+def _kernel_cut(cut: MagnitudeCut, source: KernelMagnitudes | None, rule: np.ndarray) -> np.ndarray:
     """A ``MagnitudeCut`` as the kernel's bounds on the float32 bits (keep lo < bits < hi,
-    in ``rule``), and the positions of the equal entries that its windows keep."""
+    in ``rule``); returns the positions of the equal entries that its windows keep."""
+    rule[_kernels.R_MODE] = _kernels.KEEP_CUT
     if cut.empty:
-        rule[0], rule[1] = _kernels.NONE_HIGH, _kernels.NONE_HIGH
-        return []
+        rule[_kernels.R_LO] = rule[_kernels.R_HI] = _kernels.NONE_HIGH
+        return np.empty(0, np.int64)
     if cut.low is not None:
         bits = _bits_of_float(cut.low)
-        rule[0] = bits - 1 if cut.low_incl else bits
+        rule[_kernels.R_LO] = bits - 1 if cut.low_incl else bits
     if cut.high is not None:
         bits = _bits_of_float(cut.high)
-        rule[1] = bits + 1 if cut.high_incl else bits
+        rule[_kernels.R_HI] = bits + 1 if cut.high_incl else bits
     assert source is not None or not cut.windows, "position windows come from order statistics"
-    return [source.equal[_bits_of_float(value)][j0:j1] for value, j0, j1 in cut.windows]
+    return np.sort(
+        np.concatenate(
+            [np.empty(0, np.int64), *(source.equal[_bits_of_float(v)][j0:j1] for v, j0, j1 in cut.windows)]
+        )
+    )
+
+
+_KERNEL_PARTS = (KeepAll, TopK, Window, Threshold, RandomKeep)
 
 
 def _kernel_merge(
@@ -804,64 +822,65 @@ def _kernel_merge(
     unweighted_vote: bool,
     block: int | None,
 ) -> torch.Tensor | None:
-    """``gta_merge`` through the compiled kernels, or None where they do not apply: they
-    cover float32 on CPU, keep-all parts and magnitude cuts (``tie_break="index"``, no
-    norm rescale), the weighted vote, and the default block size."""
+    """``gta_merge`` through the C kernels, or None where they do not apply: they cover
+    float32 on CPU, keep-all parts, magnitude cuts (``tie_break="index"``) and flat random
+    drops with any rescale, the weighted vote, and the default block size. The same bytes
+    as the torch blocks, except that a norm rescale's factor is a float64 sum in another
+    order (it can differ in the last bit)."""
     if not _kernels.available() or block is not None or unweighted_vote or not parts:
         return None
     tensors = [base, *xs]
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
     for part in parts:
-        if type(part) is KeepAll:
-            continue
-        if not isinstance(part, (TopK, Window, Threshold)) or part.rescale not in ("none", "inverse_density"):
+        if type(part) not in _KERNEL_PARTS:
             return None
         if isinstance(part, _CutSparsifier) and part.tie_break != "index":
             return None
     for i, x in enumerate(xs):
         _check_shape(i, x, base)
     flat = [np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors]
-    b, x_arrays = flat[0], tuple(flat[1:])
+    b, x_arrays = flat[0], flat[1:]
     n_models = len(parts)
-    rules = np.zeros((n_models, 5), dtype=np.int64)
-    rules[:, 0], rules[:, 1] = -1, _kernels.NONE_HIGH
+    rules = np.zeros((n_models, 7), dtype=np.int64)
+    rules[:, _kernels.R_LO], rules[:, _kernels.R_HI] = -1, _kernels.NONE_HIGH
+    scale = np.ones((n_models, 3), dtype=np.float32)
+    scale[:, _kernels.S_WEIGHT] = weight
     kept: list[np.ndarray] = []
     count = 0
-    scale = np.ones((n_models, 2), dtype=np.float32)
-    scale[:, 0] = weight
     high = None
     for i, part in enumerate(parts):
-        if type(part) is KeepAll:
-            continue
-        if isinstance(part, Threshold):
-            cut, source = part.cut, None
-        else:
+        rule = rules[i]
+        positions = np.empty(0, np.int64)
+        if isinstance(part, RandomKeep):
+            rule[_kernels.R_MODE] = _kernels.KEEP_RANDOM
+            rule[_kernels.R_SEED] = _int64(part.seed)
+        elif isinstance(part, Threshold):
+            positions = _kernel_cut(part.cut, None, rule)
+        elif isinstance(part, _CutSparsifier):
             if high is None:  # shared: the models' statistics run one after another
                 high = new_empty((b.size,), torch.int16).numpy().view(np.uint16)
             source = KernelMagnitudes(x_arrays[i], b, high)
-            cut = part.make_cut(source, b.size)
-        positions = np.sort(np.concatenate([np.empty(0, np.int64), *_kernel_rule(cut, source, rules[i])]))
-        rules[i, 2] = 2 if part.rescale == "inverse_density" else 1
-        rules[i, 3], rules[i, 4] = count, count + positions.size
+            positions = _kernel_cut(part.make_cut(source, b.size), source, rule)
+        rule[_kernels.R_KEPT0], rule[_kernels.R_KEPT1] = count, count + positions.size
         kept.append(positions)
         count += positions.size
-        scale[i, 1] = part.density
+        if type(part) is not KeepAll:
+            scale[i, _kernels.S_P] = part.density
+        if part.rescale == "inverse_density":
+            rule[_kernels.R_RESCALE] = _kernels.RESCALE_DIVIDE
+        elif part.rescale in ("l1", "l2", "linf"):
+            before, after = _kernels.keep_norms(x_arrays[i], b, rule, positions, part.density, part.rescale)
+            if before >= RESCALE_EPS and after >= RESCALE_EPS:
+                rule[_kernels.R_RESCALE] = _kernels.RESCALE_FACTOR
+                scale[i, _kernels.S_FACTOR] = before / after
     total = float(MergeScratch(weight, 1, torch.float32, base.device).total)
     out = new_empty(base.shape, torch.float32)
+    all_kept = np.concatenate([np.empty(0, np.int64), *kept])
     _kernels.cut_merge(
-        x_arrays,
-        b,
-        out.view(-1).numpy(),
-        rules,
-        np.concatenate([np.empty(0, np.int64), *kept]),
-        scale,
-        weight,
-        elect=elect,
-        normalize=normalize,
-        total=total,
-        lam=lambda_,
-    )
+        x_arrays, b, out.view(-1).numpy(), rules, all_kept, scale, weight,
+        elect=elect, normalize=normalize, total=total, lam=lambda_,
+    )  # fmt: skip
     return out
 
 

@@ -55,9 +55,10 @@ def dare_linear(
     original task vector, dropped * ||tau_i||_1 / ||dropped||_1 (skipped when either norm
     is below 1e-7), ``rescale="l1"`` (mergekit's ``rescale: true``; ``false`` is ``none``).
     Masks: each model with d_i < 1 draws a seed s_i from ``generator`` (seeded per tensor by
-    the executor) in model order, and keeps entry j when u_j < d_i, u = ``torch.rand(n)`` from
-    a generator seeded s_i (flat order); density 1 draws nothing. Masks and rescale run in
-    float32 (float64 for float64).
+    the executor) in model order, and keeps entry j (flat order) when u_j < d_i, u_j the
+    j-th output of SplitMix64 seeded s_i on the 2^-24 grid of [0, 1)
+    (``_sparsify.uniforms``: a counter-based stream, the same on every device and code
+    path); density 1 draws nothing. Masks and rescale run in float32 (float64 for float64).
     """
     parts = _drops(base, density, rescale, generator)
     return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)

@@ -79,9 +79,9 @@ def della(
     drop, rescale survivors by 1/(1 - p_i); then elect signs and fuse (TIES).
     mergekit (the default): per row (a 1-D tensor is one row; more dims: along dim 1) rank
     r of |tau| (1..n, ``torch.argsort`` order for equal values), keep probability
-    p = (d - eps) + 2 eps (r - 1) / (n - 1); kept where u < p, u = ``torch.rand`` from a
-    generator seeded by a seed each model with d < 1 draws from ``generator`` in model
-    order (rows in flat order), then the L1
+    p = (d - eps) + 2 eps (r - 1) / (n - 1); kept where u < p, u the draws of DARE
+    (``_sparsify.uniforms`` of a seed each model with d < 1 draws from ``generator`` in
+    model order; positions in flat order), then the L1
     rescale (``rescale="l1"``; the paper's per-entry 1/p is ``"inverse_density"``).
     Requires 0 < d - eps and d + eps < 1 whenever d < 1 (density 1 keeps everything).
     Vote on u_i = w_i pruned_i, m_i = [sign(u_i) == s], D = sum_i m_i w_i (0 becomes 1).
