@@ -919,6 +919,9 @@ KERNEL_CASES = [
     ("dare_ties", {"density": 0.5}, {}),  # L1 rescale: the factor's float64 sum may round apart
     ("ties", {"density": 0.4}, {"rescale": "l2"}),
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}, {"rescale": "linf"}),
+    ("della", {"density": 0.5, "epsilon": 0.2}, {}),
+    ("della", {"density": 0.4, "epsilon": 0.3}, {"rescale": "inverse_density"}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1}, {"rescale": "none"}),
 ]
 
 
@@ -958,7 +961,7 @@ def test_kernels_give_the_bytes_of_the_torch_blocks(name, per_model, shared, n_m
         finally:
             _kernels.set_enabled(before)
         assert fast.dtype == slow.dtype == torch.float32 and fast.shape == slow.shape
-        if shared.get("rescale", "l1" if name.startswith("dare") else "none") in ("l1", "l2"):
+        if shared.get("rescale", "l1" if name.startswith(("dare", "della")) else "none") in ("l1", "l2"):
             # the norms are float64 sums in another order: the float32 factor may differ in its last bit
             torch.testing.assert_close(fast, slow, rtol=2.4e-7, atol=0)
         else:
@@ -993,5 +996,37 @@ def test_kernels_apply_to_float32_cpu_and_leave_the_rest_to_torch():
     finally:
         _kernels.cut_merge = real
         _kernels.set_enabled(before)
-    # float64, the sort tie-break, the unweighted vote, DELLA's ranks: torch
-    assert calls == [np.float32] * 3
+    # float64, the sort tie-break, the unweighted vote: torch
+    assert calls == [np.float32] * 4
+
+
+@pytest.mark.parametrize(
+    ("name", "per_model", "shared"),
+    [
+        ("ties", {"density": 0.3}, {}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}, {}),
+        ("dare_ties", {"density": 0.4}, {"rescale": "inverse_density"}),
+        ("della", {"density": 0.5, "epsilon": 0.2}, {"rescale": "inverse_density"}),
+    ],
+)
+def test_kernels_split_over_threads_give_the_same_bytes(name, per_model, shared, monkeypatch):
+    """Large tensors are merged in ranges of whole blocks on several threads (here 3, whatever
+    the machine): equal magnitudes kept by position are found across the range borders."""
+    from modelfuse.merge.methods import _kernels
+
+    monkeypatch.setattr(_kernels, "cores", lambda: 3)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(700, 1000, generator=g)
+    xs = [base + torch.randint(-4, 5, (700, 1000), generator=g).float() * 0.125 for _ in range(3)]
+    outs = []
+    for enabled in (True, False):
+        before = _kernels.set_enabled(enabled)
+        try:
+            outs.append(
+                get_method(name)(
+                    xs, base, models=[per_model] * 3, generator=torch.Generator().manual_seed(2), **shared
+                )
+            )
+        finally:
+            _kernels.set_enabled(before)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))

@@ -73,9 +73,9 @@ int64_t mf_bucket_entries(const float *x, const float *base, const uint16_t *hig
 }
 
 /* Columns of a model's rule (int64) and scale (float32) rows; see mf_cut_merge. */
-enum { R_LO, R_HI, R_MODE, R_KEPT0, R_KEPT1, R_SEED, R_RESCALE, R_COLS };
-enum { S_WEIGHT, S_P, S_FACTOR, S_COLS };
-enum { KEEP_ALL = 0, KEEP_CUT = 1, KEEP_RANDOM = 3 };
+enum { R_LO, R_HI, R_MODE, R_KEPT0, R_KEPT1, R_SEED, R_RESCALE, R_ROW, R_COLS };
+enum { S_WEIGHT, S_P, S_FACTOR, S_LOW, S_SPAN, S_COLS };
+enum { KEEP_ALL = 0, KEEP_CUT = 1, KEEP_RANDOM = 3, KEEP_RANK = 4, KEEP_MASK = 5 };
 enum { RESCALE_NONE = 0, RESCALE_DIVIDE = 1, RESCALE_FACTOR = 2 };
 
 /* Output j of SplitMix64 seeded `seed`, top 24 bits on the float32 grid of [0, 1)
@@ -88,13 +88,87 @@ static inline float uniform(uint64_t seed, int64_t j) {
     return (float)(int32_t)(z >> 40) * 0x1p-24f;
 }
 
+/* Per-block work memory: `blk` entries (a block holds whole rows for ranked drops). */
+typedef struct {
+    int64_t blk;
+    float *mag, *p;
+    uint32_t *bits;
+    uint64_t *pairs1, *pairs2;
+} scratch_t;
+
+static void scratch_free(scratch_t *w) {
+    free(w->mag);
+    free(w->p);
+    free(w->bits);
+    free(w->pairs1);
+    free(w->pairs2);
+}
+
+static int scratch_alloc(scratch_t *w, int64_t blk) {
+    size_t n = (size_t)(blk > 0 ? blk : 1);
+    w->blk = blk;
+    w->mag = malloc(n * sizeof(float));
+    w->p = malloc(n * sizeof(float));
+    w->bits = malloc(n * sizeof(uint32_t));
+    w->pairs1 = malloc(n * sizeof(uint64_t));
+    w->pairs2 = malloc(n * sizeof(uint64_t));
+    if (!w->mag || !w->p || !w->bits || !w->pairs1 || !w->pairs2) {
+        scratch_free(w);
+        return -1;
+    }
+    return 0;
+}
+
+/* DELLA's keep probabilities of one row of n magnitudes (their float32 bit patterns):
+ * p = ((float)r / (float)(n - 1)) * span + low, r the rank in a stable ascending sort
+ * (an LSD radix sort of (key << 32 | position) on the key's bytes, the four histograms
+ * counted in one pass, bytes that all keys share skipped); p = one for n = 1. */
+static void row_probabilities(const uint32_t *keys, int64_t n, float low, float span, float one, float *p,
+                              scratch_t *w) {
+    if (n <= 1) {
+        if (n == 1) p[0] = one;
+        return;
+    }
+    uint64_t *from = w->pairs1, *to = w->pairs2;
+    int64_t count[4][256];
+    memset(count, 0, sizeof count);
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t k = keys[j];
+        from[j] = ((uint64_t)k << 32) | (uint64_t)j;
+        count[0][k & 255]++;
+        count[1][(k >> 8) & 255]++;
+        count[2][(k >> 16) & 255]++;
+        count[3][k >> 24]++;
+    }
+    for (int byte = 0; byte < 4; byte++) {
+        const int shift = 32 + 8 * byte;
+        int64_t *c = count[byte];
+        if (c[(from[0] >> shift) & 255] == n) continue; /* every key has this byte */
+        int64_t next = 0;
+        for (int d = 0; d < 256; d++) {
+            int64_t here = c[d];
+            c[d] = next;
+            next += here;
+        }
+        for (int64_t j = 0; j < n; j++) to[c[(from[j] >> shift) & 255]++] = from[j];
+        uint64_t *t = from;
+        from = to;
+        to = t;
+    }
+    const float last = (float)(n - 1);
+    for (int64_t r = 0; r < n; r++) p[(uint32_t)from[r]] = ((float)r / last) * span + low;
+}
+
 /* One model's kept task vector on [a, a + m) into t (tau * 1 where kept, tau * 0 where
- * not: the torch path's products), before any rescale. */
-static inline void keep_block(const float *x, const float *base, float *t, float *mag, uint32_t *bits,
-                              const int64_t *rule, const int64_t *kept, int64_t *cursor, float p, int64_t a,
-                              int64_t m) {
+ * not: the torch path's products), before any rescale; for KEEP_RANK the keep
+ * probabilities are left in w->p. */
+static inline void keep_block(const float *x, const float *base, float *t, const int64_t *rule, const float *sc,
+                              const int64_t *kept, int64_t *cursor, const uint8_t *mask, int64_t a, int64_t m,
+                              scratch_t *w) {
     const float *xa = x + a, *ba = base + a;
     const int64_t mode = rule[R_MODE];
+    float *mag = w->mag;
+    uint32_t *bits = w->bits;
     for (int64_t j = 0; j < m; j++) t[j] = xa[j] - ba[j];
     if (mode == KEEP_CUT) {
         const int64_t lo = rule[R_LO], hi = rule[R_HI];
@@ -115,20 +189,36 @@ static inline void keep_block(const float *x, const float *base, float *t, float
         *cursor = c;
     } else if (mode == KEEP_RANDOM) {
         const uint64_t seed = (uint64_t)rule[R_SEED];
+        const float p = sc[S_P];
         for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p ? 1.0f : 0.0f);
+    } else if (mode == KEEP_RANK) {
+        const int64_t row = rule[R_ROW];
+        const uint64_t seed = (uint64_t)rule[R_SEED];
+        for (int64_t j = 0; j < m; j++) mag[j] = fabsf(t[j]);
+        memcpy(bits, mag, (size_t)m * sizeof(float));
+        for (int64_t r = 0; r < m; r += row)
+            row_probabilities(bits + r, row, sc[S_LOW], sc[S_SPAN], sc[S_P], w->p + r, w);
+        const float *p = w->p;
+        for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p[j] ? 1.0f : 0.0f);
+    } else if (mode == KEEP_MASK) {
+        const uint8_t *ma = mask + a;
+        for (int64_t j = 0; j < m; j++) t[j] = t[j] * (ma[j] ? 1.0f : 0.0f);
     }
 }
 
 /* u[i] = w_i * rescaled kept tau_i on [a, a + m). */
-static inline void cut_block(const float *const *xs, int64_t n_models, const float *base, float *u, float *mag,
-                             uint32_t *bits, const int64_t *rules, const int64_t *kept, int64_t *cursor,
-                             const float *scale, int64_t a, int64_t m) {
+static inline void cut_block(const float *const *xs, int64_t n_models, const float *base, float *u,
+                             const int64_t *rules, const float *scale, const int64_t *kept, int64_t *cursor,
+                             const uint8_t *const *masks, int64_t a, int64_t m, scratch_t *w) {
     for (int64_t i = 0; i < n_models; i++) {
         const int64_t *rule = rules + i * R_COLS;
         const float *sc = scale + i * S_COLS;
-        float *ui = u + i * KBLOCK;
-        keep_block(xs[i], base, ui, mag, bits, rule, kept, cursor + i, sc[S_P], a, m);
-        if (rule[R_RESCALE] == RESCALE_DIVIDE) {
+        float *ui = u + i * w->blk;
+        keep_block(xs[i], base, ui, rule, sc, kept, cursor + i, masks ? masks[i] : NULL, a, m, w);
+        if (rule[R_RESCALE] == RESCALE_DIVIDE && rule[R_MODE] == KEEP_RANK) {
+            const float *p = w->p;
+            for (int64_t j = 0; j < m; j++) ui[j] = ui[j] / p[j];
+        } else if (rule[R_RESCALE] == RESCALE_DIVIDE) {
             const float d = sc[S_P];
             for (int64_t j = 0; j < m; j++) ui[j] = ui[j] / d;
         } else if (rule[R_RESCALE] == RESCALE_FACTOR) {
@@ -142,18 +232,35 @@ static inline void cut_block(const float *const *xs, int64_t n_models, const flo
 
 /* The norms of one model's task vector and of its kept part (float64; sums in 8 lanes,
  * lane k over the positions j = k mod 8, then the lanes in order; kind 1: L1, 2: L2
- * squared, 3: max), into norms[0] and norms[1]. */
+ * squared, 3: max), into norms[0] and norms[1]. With `mask_out`, the keep decisions are
+ * stored there (1 kept, 0 dropped) for the merge pass. `blk`: entries per block (whole
+ * rows for KEEP_RANK). Returns 0, or -1 when memory ran out. */
 MF_CLONES
-void mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *rule, const int64_t *kept, float p,
-                   int kind, double *norms) {
-    float t[KBLOCK], mag[KBLOCK];
-    uint32_t bits[KBLOCK];
+int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *rule, const float *sc,
+                  const int64_t *kept, int kind, int64_t blk, uint8_t *mask_out, double *norms) {
+    if (blk <= 0) return -1;
+    scratch_t w;
+    float *t = malloc(sizeof(float) * (size_t)blk);
+    if (t == NULL || scratch_alloc(&w, blk) != 0) {
+        free(t);
+        return -1;
+    }
     double before[8] = {0}, after[8] = {0};
     int64_t cursor = rule[R_KEPT0];
-    for (int64_t a = 0; a < n; a += KBLOCK) {
-        int64_t m = n - a < KBLOCK ? n - a : KBLOCK;
-        keep_block(x, base, t, mag, bits, rule, kept, &cursor, p, a, m);
+    float *mag = w.mag;
+    for (int64_t a = 0; a < n; a += blk) {
+        int64_t m = n - a < blk ? n - a : blk;
+        keep_block(x, base, t, rule, sc, kept, &cursor, NULL, a, m, &w);
         const float *xa = x + a, *ba = base + a;
+        if (mask_out != NULL) {
+            uint8_t *ma = mask_out + a;
+            const float *p = w.p;
+            const uint64_t seed = (uint64_t)rule[R_SEED];
+            if (rule[R_MODE] == KEEP_RANK)
+                for (int64_t j = 0; j < m; j++) ma[j] = uniform(seed, a + j) < p[j];
+            else
+                for (int64_t j = 0; j < m; j++) ma[j] = t[j] != 0.0f || xa[j] - ba[j] == 0.0f;
+        }
         for (int64_t j = 0; j < m; j++) mag[j] = fabsf(xa[j] - ba[j]);
         for (int64_t j = 0; j < m; j++) t[j] = fabsf(t[j]);
         int64_t j = 0;
@@ -200,15 +307,18 @@ void mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *
             norms[1] += after[k];
         }
     }
+    free(t);
+    scratch_free(&w);
+    return 0;
 }
 
 /* merge_block of _sparsify.py on [a, a + m): sum, elected sign, agreeing sum and divisor. */
-static inline void merge_block(const float *u, int64_t n_models, const float *base, float *out, float *s, float *acc,
+static inline void merge_block(const float *u, int64_t blk, int64_t n_models, const float *base, float *out, float *s, float *acc,
                                float *div, const float *w, int64_t a, int64_t m, int elect, int normalize,
                                int positive, float total, float lam) {
     for (int64_t j = 0; j < m; j++) s[j] = u[j];
     for (int64_t i = 1; i < n_models; i++) {
-        const float *ui = u + i * KBLOCK;
+        const float *ui = u + i * blk;
         for (int64_t j = 0; j < m; j++) s[j] += ui[j];
     }
     if (elect) {
@@ -218,7 +328,7 @@ static inline void merge_block(const float *u, int64_t n_models, const float *ba
             div[j] = 0.0f;
         }
         for (int64_t i = 0; i < n_models; i++) {
-            const float *ui = u + i * KBLOCK;
+            const float *ui = u + i * blk;
             const float wi = w[i];
             for (int64_t j = 0; j < m; j++) {
                 const float v = ui[j] * s[j]; /* |u_i| where u_i agrees with the sign */
@@ -256,31 +366,44 @@ static inline void merge_block(const float *u, int64_t n_models, const float *ba
  * Model i's task vector tau_i = xs[i] - base is kept per rules[i] (R_COLS int64s):
  * R_MODE KEEP_ALL; KEEP_CUT: the entries whose magnitude bits b satisfy R_LO < b < R_HI,
  * plus the positions kept[R_KEPT0:R_KEPT1] (ascending); KEEP_RANDOM: where
- * uniform(R_SEED, j) < scale[i][S_P]. Then R_RESCALE: none, divide by scale[i][S_P], or
- * multiply by scale[i][S_FACTOR]; the weight is scale[i][S_WEIGHT] (and w[i]).
- * Returns 0, or -1 when memory ran out. */
+ * uniform(R_SEED, j) < scale[i][S_P]; KEEP_RANK: where uniform(R_SEED, j) < p_j, DELLA's
+ * probabilities over rows of R_ROW entries; KEEP_MASK: where masks[i][j] != 0. Then
+ * R_RESCALE: none, divide by the keep probability, or multiply by scale[i][S_FACTOR]; the
+ * weight is scale[i][S_WEIGHT] (and w[i]). Computes the entries [start, stop) (start a
+ * multiple of blk, so that blocks hold whole rows; blk entries per block): disjoint
+ * ranges can run on several threads. Returns 0, or -1 when memory ran out. */
 MF_CLONES
 int mf_cut_merge(const float *const *xs, int64_t n_models, const float *base, int64_t n, float *out,
-                 const int64_t *rules, const int64_t *kept, const float *scale, const float *w, int elect,
-                 int normalize, int positive, float total, float lam) {
-    float *u = malloc(sizeof(float) * KBLOCK * (size_t)(n_models > 0 ? n_models : 1));
-    int64_t *cursor = malloc(sizeof(int64_t) * (size_t)(n_models > 0 ? n_models : 1));
-    if (u == NULL || cursor == NULL) {
-        free(u);
-        free(cursor);
-        return -1;
-    }
-    float mag[KBLOCK], s[KBLOCK], acc[KBLOCK], div[KBLOCK];
-    uint32_t bits[KBLOCK];
-    for (int64_t i = 0; i < n_models; i++) cursor[i] = rules[i * R_COLS + R_KEPT0];
-    for (int64_t a = 0; a < n; a += KBLOCK) {
-        int64_t m = n - a < KBLOCK ? n - a : KBLOCK;
-        cut_block(xs, n_models, base, u, mag, bits, rules, kept, cursor, scale, a, m);
-        merge_block(u, n_models, base, out, s, acc, div, w, a, m, elect, normalize, positive, total, lam);
+                 const int64_t *rules, const int64_t *kept, const float *scale, const uint8_t *const *masks,
+                 const float *w, int elect, int normalize, int positive, float total, float lam, int64_t blk,
+                 int64_t start, int64_t stop) {
+    if (blk <= 0) return -1;
+    size_t models = (size_t)(n_models > 0 ? n_models : 1), size = (size_t)blk;
+    float *u = malloc(sizeof(float) * size * models);
+    float *s = malloc(sizeof(float) * size), *acc = malloc(sizeof(float) * size), *div = malloc(sizeof(float) * size);
+    int64_t *cursor = malloc(sizeof(int64_t) * models);
+    scratch_t work;
+    int ok = u && s && acc && div && cursor && scratch_alloc(&work, blk) == 0;
+    if (ok) {
+        for (int64_t i = 0; i < n_models; i++) { /* the first kept position at or after start */
+            int64_t c = rules[i * R_COLS + R_KEPT0];
+            while (c < rules[i * R_COLS + R_KEPT1] && kept[c] < start) c++;
+            cursor[i] = c;
+        }
+        if (stop > n) stop = n;
+        for (int64_t a = start; a < stop; a += blk) {
+            int64_t m = stop - a < blk ? stop - a : blk;
+            cut_block(xs, n_models, base, u, rules, scale, kept, cursor, masks, a, m, &work);
+            merge_block(u, blk, n_models, base, out, s, acc, div, w, a, m, elect, normalize, positive, total, lam);
+        }
+        scratch_free(&work);
     }
     free(u);
+    free(s);
+    free(acc);
+    free(div);
     free(cursor);
-    return 0;
+    return ok ? 0 : -1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",

@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import itertools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 _HIGH = 1 << 15  # buckets of the high 16 bits of a non-negative float32
 NONE_HIGH = 1 << 33  # a bound above every 32-bit pattern
 #: columns of a model's rules row (int64) and scale row (float32), as in _ckernels.c
-R_LO, R_HI, R_MODE, R_KEPT0, R_KEPT1, R_SEED, R_RESCALE = range(7)
-S_WEIGHT, S_P, S_FACTOR = range(3)
-KEEP_ALL, KEEP_CUT, KEEP_RANDOM = 0, 1, 3
+R_LO, R_HI, R_MODE, R_KEPT0, R_KEPT1, R_SEED, R_RESCALE, R_ROW = range(8)
+S_WEIGHT, S_P, S_FACTOR, S_LOW, S_SPAN = range(5)
+KEEP_ALL, KEEP_CUT, KEEP_RANDOM, KEEP_RANK, KEEP_MASK = 0, 1, 3, 4, 5
+#: entries per kernel block (a multiple of the row length for ranked drops)
+KBLOCK = 2048
 RESCALE_NONE, RESCALE_DIVIDE, RESCALE_FACTOR = 0, 1, 2
 NORM_KIND = {"l1": 1, "l2": 2, "linf": 3}
 _SPEC = importlib.util.find_spec("modelfuse.merge.methods._ckernels")
@@ -47,10 +52,10 @@ _I64 = ctypes.c_int64
 _SIGNATURES = {
     "mf_magnitude_highs": (None, [_P, _P, _I64, _P, _P]),
     "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _P, _P, _I64]),
-    "mf_keep_norms": (None, [_P, _P, _I64, _P, _P, ctypes.c_float, ctypes.c_int, _P]),
+    "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _P]),
     "mf_cut_merge": (
         ctypes.c_int,
-        [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, *[ctypes.c_int] * 3, *[ctypes.c_float] * 2],
+        [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, *[ctypes.c_int] * 3, *[ctypes.c_float] * 2, *[_I64] * 3],
     ),
 }
 
@@ -81,6 +86,25 @@ def _lib() -> ctypes.CDLL:
                 fn.restype, fn.argtypes = restype, argtypes
             _library = lib
         return _library
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parallel(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run ``jobs`` (kernel calls: they release the GIL) on up to one thread per core; results in order."""
+    global _pool
+    if len(jobs) <= 1 or cores() <= 1:
+        return [job() for job in jobs]
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="modelfuse-kernel")
+    return [f.result() for f in [_pool.submit(job) for job in jobs]]
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -118,28 +142,50 @@ def bucket_entries(
     return bits, where
 
 
+def block_size(row: int = 1) -> int:
+    """Entries per kernel block: about ``KBLOCK``, whole rows of ``row`` entries."""
+    row = max(1, row)
+    return row * max(1, KBLOCK // row)
+
+
 def keep_norms(
-    x: np.ndarray, base: np.ndarray, rule: np.ndarray, kept: np.ndarray, p: float, kind: str
+    x: np.ndarray,
+    base: np.ndarray,
+    rule: np.ndarray,
+    scale: np.ndarray,
+    kept: np.ndarray,
+    kind: str,
+    mask: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """(norm of tau, norm of its kept part) for one model's ``rule`` (a rules row, see
+    """(norm of tau, norm of its kept part) for one model's ``rule`` and ``scale`` rows (see
     ``cut_merge``; ``kept``: its positions alone): ``kind`` "l1", "l2" (the norm, not its
-    square) or "linf"; float64 sums."""
+    square) or "linf"; float64 sums. ``mask`` (uint8, one per entry): filled with the keep
+    decisions, for a KEEP_MASK merge that follows."""
     for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (rule, np.int64, "rule")):
         _check(a, dtype, name)
+    _check(scale, np.float32, "scale")
     _check(kept, np.int64, "kept")
+    if mask is not None:
+        _check(mask, np.uint8, "mask")
+        if mask.size != base.size:
+            raise ValueError(f"mask has {mask.size} entries, the tensor {base.size}")
     rule = rule.copy()
     rule[R_KEPT0], rule[R_KEPT1] = 0, kept.size  # ``kept``: this model's positions only
     norms = np.zeros(2, np.float64)
-    _lib().mf_keep_norms(
+    status = _lib().mf_keep_norms(
         _ptr(x),
         _ptr(base),
         base.size,
         _ptr(rule),
+        _ptr(scale),
         _ptr(kept),
-        float(np.float32(p)),
         NORM_KIND[kind],
+        block_size(int(rule[R_ROW])),
+        None if mask is None else _ptr(mask),
         _ptr(norms),
     )
+    if status != 0:
+        raise MemoryError("keep_norms: out of memory for its block buffers")
     if kind == "l2":
         norms = np.sqrt(norms)
     return float(norms[0]), float(norms[1])
@@ -154,6 +200,7 @@ def cut_merge(
     scale: np.ndarray,
     weight: Sequence[float],
     *,
+    masks: Sequence[np.ndarray | None] | None = None,
     elect: bool,
     normalize: bool,
     total: float,
@@ -163,7 +210,10 @@ def cut_merge(
     is kept per ``rules[i]`` (int64; columns R_*): ``R_MODE`` KEEP_ALL; KEEP_CUT, the entries
     whose float32 magnitude bits b have ``R_LO < b < R_HI`` plus the positions
     ``kept[R_KEPT0:R_KEPT1]`` (ascending); KEEP_RANDOM, where ``uniform(R_SEED, j) <
-    scale[i, S_P]``. ``R_RESCALE``: none, divide by ``scale[i, S_P]``, or multiply by
+    scale[i, S_P]``; KEEP_RANK, where ``uniform(R_SEED, j) < p_j``, DELLA's probabilities
+    ``(r / (n - 1)) * scale[i, S_SPAN] + scale[i, S_LOW]`` from the stable rank r of |tau| in
+    rows of ``R_ROW`` entries; KEEP_MASK, where ``masks[i]`` (uint8) is non-zero.
+    ``R_RESCALE``: none, divide by the keep probability, or multiply by
     ``scale[i, S_FACTOR]``; ``scale[i, S_WEIGHT]`` is the weight. The result goes to ``out``."""
     n_models = len(xs)
     for i, x in enumerate(xs):
@@ -178,7 +228,7 @@ def cut_merge(
         (scale, np.float32, "scale"),
     ):
         _check(a, dtype, name)
-    if out.size != base.size or rules.shape != (n_models, 7) or scale.shape != (n_models, 3):
+    if out.size != base.size or rules.shape != (n_models, 8) or scale.shape != (n_models, 5):
         raise ValueError(
             f"shapes: out {out.shape}, rules {rules.shape}, scale {scale.shape} for {n_models} models"
         )
@@ -188,9 +238,27 @@ def cut_merge(
         raise ValueError("rules: kept ranges outside the kept array")
     if kept.size and (kept.min() < 0 or kept.max() >= base.size):
         raise ValueError("kept: positions outside the tensor")
+    rows = {int(r[R_ROW]) for r in rules if r[R_MODE] == KEEP_RANK}
+    if len(rows) > 1 or any(r < 1 for r in rows):
+        raise ValueError(f"ranked drops need one row length >= 1, found {sorted(rows)}")
+    mask_pointers = None
+    if masks is not None:
+        for i, m in enumerate(masks):
+            if m is not None:
+                _check(m, np.uint8, f"masks[{i}]")
+                if m.size != base.size:
+                    raise ValueError(f"masks[{i}] has {m.size} entries, the tensor {base.size}")
+        mask_pointers = (ctypes.c_void_p * max(1, n_models))(*[None if m is None else _ptr(m) for m in masks])
+    if any(r[R_MODE] == KEEP_MASK and (masks is None or masks[i] is None) for i, r in enumerate(rules)):
+        raise ValueError("a KEEP_MASK rule without its mask")
     w = np.ascontiguousarray(weight, dtype=np.float32)
     pointers = (ctypes.c_void_p * max(1, n_models))(*[_ptr(x) for x in xs])
-    status = _lib().mf_cut_merge(
+    blk = block_size(rows.pop() if rows else 1)
+    # ranges of whole blocks, one per core when the tensor is large enough to be worth it
+    n_blocks = -(-base.size // blk)
+    parts = max(1, min(cores(), n_blocks, base.size // (1 << 18)))
+    bounds = [i * n_blocks // parts * blk for i in range(parts)] + [base.size]
+    args = (
         pointers,
         n_models,
         _ptr(base),
@@ -199,12 +267,16 @@ def cut_merge(
         _ptr(rules),
         _ptr(kept),
         _ptr(scale),
+        mask_pointers,
         _ptr(w),
         int(bool(elect)),
         int(bool(normalize)),
         int(bool((w > 0).all())),
         float(np.float32(total)),
         float(np.float32(lam)),
+        blk,
     )
-    if status != 0:
+    fn = _lib().mf_cut_merge
+    statuses = parallel([lambda a=a, b=b: fn(*args, a, b) for a, b in itertools.pairwise(bounds)])
+    if any(statuses):
         raise MemoryError("cut_merge: out of memory for its block buffers")

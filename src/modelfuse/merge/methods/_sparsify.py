@@ -36,6 +36,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -641,7 +642,7 @@ def _fibres(shape: Sequence[int]) -> tuple[int, int]:
 
 class RankKeep(_RandomDrop):
     """DELLA MagPrune: keep probability p = (d - eps) + 2 eps r / (n - 1) from the rank r of |tau|
-    in its row (0-based, ``torch.argsort`` order), kept when u < p (see ``uniforms``)."""
+    in its row (0-based; equal magnitudes ranked by position), kept when u < p (see ``uniforms``)."""
 
     def __init__(self, density: float, epsilon: float, rescale: str, seed: int, shape: Sequence[int]):
         super().__init__(rescale, seed)
@@ -657,8 +658,10 @@ class RankKeep(_RandomDrop):
 def rank_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = (d - eps) + 2 eps r / (n - 1) for ``rows`` of shape (R, n, inner), r the rank along dim 1.
 
-    Ranks come from ``torch.argsort`` of |tau| in tau's dtype (mergekit); a row of one
-    entry, where the formula is 0/0, gets p = d. Float32 (float64 for float64) result.
+    Ranks come from a stable ``torch.argsort`` of |tau| in tau's dtype: equal magnitudes
+    are ranked by position (mergekit's unstable CPU sort orders them arbitrarily; its draws
+    differ from ours anyway). A row of one entry, where the formula is 0/0, gets p = d.
+    Float32 (float64 for float64) result.
     """
     n = rows.shape[1]
     dtype = work_dtype(rows.dtype)
@@ -668,7 +671,7 @@ def rank_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> to
     bits = {torch.float32: torch.int32, torch.float64: torch.int64}.get(mags.dtype, torch.int16)
     if mags.element_size() == torch.empty((), dtype=bits).element_size():
         mags = mags.view(bits)  # non-negative floats order like their bit patterns: a faster sort
-    order = torch.argsort(mags, dim=1)
+    order = torch.argsort(mags, dim=1, stable=True)
     positions = torch.arange(n, device=rows.device).view(1, n, 1).expand_as(order)
     ranks = torch.empty_like(order).scatter_(1, order, positions)
     return ranks.to(dtype).div_(n - 1).mul_(2 * epsilon).add_(density - epsilon)
@@ -808,7 +811,7 @@ def _kernel_cut(cut: MagnitudeCut, source: KernelMagnitudes | None, rule: np.nda
     )
 
 
-_KERNEL_PARTS = (KeepAll, TopK, Window, Threshold, RandomKeep)
+_KERNEL_PARTS = (KeepAll, TopK, Window, Threshold, RandomKeep, RankKeep)
 
 
 def _kernel_merge(
@@ -823,8 +826,9 @@ def _kernel_merge(
     block: int | None,
 ) -> torch.Tensor | None:
     """``gta_merge`` through the C kernels, or None where they do not apply: they cover
-    float32 on CPU, keep-all parts, magnitude cuts (``tie_break="index"``) and flat random
-    drops with any rescale, the weighted vote, and the default block size. The same bytes
+    float32 on CPU, keep-all parts, magnitude cuts (``tie_break="index"``), flat random
+    drops and DELLA's ranked drops (rows along the last of 2 dims) with any rescale, the
+    weighted vote, and the default block size. The same bytes
     as the torch blocks, except that a norm rescale's factor is a float64 sum in another
     order (it can differ in the last bit)."""
     if not _kernels.available() or block is not None or unweighted_vote or not parts:
@@ -837,16 +841,20 @@ def _kernel_merge(
             return None
         if isinstance(part, _CutSparsifier) and part.tie_break != "index":
             return None
+        if isinstance(part, RankKeep) and (part.inner != 1 or part.row >= 1 << 32):
+            return None  # rows along dim 1 of a tensor with 3+ dims are strided: the torch path
     for i, x in enumerate(xs):
         _check_shape(i, x, base)
     flat = [np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors]
     b, x_arrays = flat[0], flat[1:]
     n_models = len(parts)
-    rules = np.zeros((n_models, 7), dtype=np.int64)
+    rules = np.zeros((n_models, 8), dtype=np.int64)
     rules[:, _kernels.R_LO], rules[:, _kernels.R_HI] = -1, _kernels.NONE_HIGH
-    scale = np.ones((n_models, 3), dtype=np.float32)
+    scale = np.ones((n_models, 5), dtype=np.float32)
     scale[:, _kernels.S_WEIGHT] = weight
     kept: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = [None] * n_models
+    norm_jobs: list[tuple[int, Callable[[], tuple[float, float]]]] = []
     count = 0
     high = None
     for i, part in enumerate(parts):
@@ -855,6 +863,12 @@ def _kernel_merge(
         if isinstance(part, RandomKeep):
             rule[_kernels.R_MODE] = _kernels.KEEP_RANDOM
             rule[_kernels.R_SEED] = _int64(part.seed)
+        elif isinstance(part, RankKeep):
+            rule[_kernels.R_MODE] = _kernels.KEEP_RANK
+            rule[_kernels.R_SEED] = _int64(part.seed)
+            rule[_kernels.R_ROW] = part.row
+            scale[i, _kernels.S_LOW] = part.density - part.epsilon
+            scale[i, _kernels.S_SPAN] = 2 * part.epsilon
         elif isinstance(part, Threshold):
             positions = _kernel_cut(part.cut, None, rule)
         elif isinstance(part, _CutSparsifier):
@@ -870,15 +884,37 @@ def _kernel_merge(
         if part.rescale == "inverse_density":
             rule[_kernels.R_RESCALE] = _kernels.RESCALE_DIVIDE
         elif part.rescale in ("l1", "l2", "linf"):
-            before, after = _kernels.keep_norms(x_arrays[i], b, rule, positions, part.density, part.rescale)
-            if before >= RESCALE_EPS and after >= RESCALE_EPS:
-                rule[_kernels.R_RESCALE] = _kernels.RESCALE_FACTOR
-                scale[i, _kernels.S_FACTOR] = before / after
+            mask = None
+            if isinstance(part, RankKeep):  # ranks once: the norm pass keeps its decisions
+                mask = new_empty((b.size,), torch.uint8).numpy()
+                masks[i] = mask
+            norm_jobs.append(
+                (
+                    i,
+                    partial(
+                        _kernels.keep_norms,
+                        x_arrays[i],
+                        b,
+                        rule.copy(),
+                        scale[i].copy(),
+                        positions,
+                        part.rescale,
+                        mask,
+                    ),
+                )
+            )
+    # the models' norm passes are independent: one per core
+    for (i, _), (before, after) in zip(norm_jobs, _kernels.parallel([job for _, job in norm_jobs])):
+        if masks[i] is not None:
+            rules[i, _kernels.R_MODE] = _kernels.KEEP_MASK
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            rules[i, _kernels.R_RESCALE] = _kernels.RESCALE_FACTOR
+            scale[i, _kernels.S_FACTOR] = before / after
     total = float(MergeScratch(weight, 1, torch.float32, base.device).total)
     out = new_empty(base.shape, torch.float32)
     all_kept = np.concatenate([np.empty(0, np.int64), *kept])
     _kernels.cut_merge(
-        x_arrays, b, out.view(-1).numpy(), rules, all_kept, scale, weight,
+        x_arrays, b, out.view(-1).numpy(), rules, all_kept, scale, weight, masks=masks,
         elect=elect, normalize=normalize, total=total, lam=lambda_,
     )  # fmt: skip
     return out

@@ -78,7 +78,7 @@ def della(
     magnitudes, give larger ones smaller drop probabilities around the mean drop rate,
     drop, rescale survivors by 1/(1 - p_i); then elect signs and fuse (TIES).
     mergekit (the default): per row (a 1-D tensor is one row; more dims: along dim 1) rank
-    r of |tau| (1..n, ``torch.argsort`` order for equal values), keep probability
+    r of |tau| (1..n; equal values ranked by position, a stable sort), keep probability
     p = (d - eps) + 2 eps (r - 1) / (n - 1); kept where u < p, u the draws of DARE
     (``_sparsify.uniforms`` of a seed each model with d < 1 draws from ``generator`` in
     model order; positions in flat order), then the L1
