@@ -184,6 +184,7 @@ def run(name, xs, base=None, models_=None, **shared):
 # ----------------------------------------------------------------------------- against references
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 0.9, 1.0])
@@ -194,6 +195,7 @@ def test_slerp_matches_reference(shape, dtype, t):
     check(run("slerp", [x], base, t=t), ref_slerp(t, b_ref, x_ref), dtype)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_slerp_close_fine_tunes_take_the_spherical_path_in_float64():
     # cos ~ 0.999: below mergekit's 0.9995 threshold, so the angle matters and float64 keeps it
     base_np, (x_np,) = models((64, 32), 1, seed=2, spread=0.045)
@@ -522,3 +524,27 @@ def test_registered_requirements_and_defaults():
         assert m.paper and "mergekit" in m.doc, name
     assert get_method("passthrough").per_model_defaults() == {"scale": None}
     assert get_method("multislerp").per_model_defaults() == {"weight": 1.0}
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0])
+def test_slerp_kernels_agree_with_the_torch_path(scale, monkeypatch):
+    """The C loops blend in float64 and round once, as the torch code; only the float64
+    dot products are summed in another order, so the weights (and at most the last bit of
+    a result) may differ; identical inputs (the linear fallback) give the same bytes."""
+    from modelfuse.merge.methods import _kernels
+
+    monkeypatch.setattr(_kernels, "cores", lambda: 3)  # the blend split over threads
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(1000, 700, generator=g)
+    b = a + scale * torch.randn(1000, 700, generator=g)
+    outs = []
+    for enabled in (True, False):
+        before = _kernels.set_enabled(enabled)
+        try:
+            outs.append(get_method("slerp")([b], a, t=0.3))
+        finally:
+            _kernels.set_enabled(before)
+    if scale == 0.0:
+        assert torch.equal(outs[0], outs[1])
+    else:
+        torch.testing.assert_close(outs[0], outs[1], rtol=2.4e-7, atol=1e-30)

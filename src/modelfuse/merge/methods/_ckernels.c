@@ -406,6 +406,40 @@ int mf_cut_merge(const float *const *xs, int64_t n_models, const float *base, in
     return ok ? 0 : -1;
 }
 
+/* SLERP's sums over two float32 vectors in float64: sums[0] = <a, a>, sums[1] = <b, b>,
+ * sums[2] = <a, b> (8 lanes, lane k over j = k mod 8, then the lanes in order). */
+MF_CLONES
+void mf_dots(const float *a, const float *b, int64_t n, double *sums) {
+    double aa[8] = {0}, bb[8] = {0}, ab[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int k = 0; k < 8; k++) {
+            const double x = (double)a[j + k], y = (double)b[j + k];
+            aa[k] += x * x;
+            bb[k] += y * y;
+            ab[k] += x * y;
+        }
+    for (int k = 0; j < n; j++, k++) {
+        const double x = (double)a[j], y = (double)b[j];
+        aa[k] += x * x;
+        bb[k] += y * y;
+        ab[k] += x * y;
+    }
+    sums[0] = sums[1] = sums[2] = 0.0;
+    for (int k = 0; k < 8; k++) {
+        sums[0] += aa[k];
+        sums[1] += bb[k];
+        sums[2] += ab[k];
+    }
+}
+
+/* out = (float)(ca * (double)a + cb * (double)b) on [start, stop): the float64 blend of
+ * SLERP (and of the linear fallback), rounded once. */
+MF_CLONES
+void mf_blend(const float *a, const float *b, float *out, double ca, double cb, int64_t start, int64_t stop) {
+    for (int64_t j = start; j < stop; j++) out[j] = (float)(ca * (double)a[j] + cb * (double)b[j]);
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",
                                     "CPU merge kernels, called through ctypes (see _kernels.py).", -1, NULL};
 

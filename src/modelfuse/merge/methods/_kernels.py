@@ -52,6 +52,8 @@ _I64 = ctypes.c_int64
 _SIGNATURES = {
     "mf_magnitude_highs": (None, [_P, _P, _I64, _P, _P]),
     "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _P, _P, _I64]),
+    "mf_dots": (None, [_P, _P, _I64, _P]),
+    "mf_blend": (None, [_P, _P, _P, ctypes.c_double, ctypes.c_double, _I64, _I64]),
     "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _P]),
     "mf_cut_merge": (
         ctypes.c_int,
@@ -280,3 +282,31 @@ def cut_merge(
     statuses = parallel([lambda a=a, b=b: fn(*args, a, b) for a, b in itertools.pairwise(bounds)])
     if any(statuses):
         raise MemoryError("cut_merge: out of memory for its block buffers")
+
+
+def dots(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(<a, a>, <b, b>, <a, b>) of two float32 vectors, summed in float64."""
+    _check(a, np.float32, "a")
+    _check(b, np.float32, "b")
+    if a.size != b.size:
+        raise ValueError(f"a has {a.size} entries, b {b.size}")
+    sums = np.zeros(3, np.float64)
+    _lib().mf_dots(_ptr(a), _ptr(b), a.size, _ptr(sums))
+    return float(sums[0]), float(sums[1]), float(sums[2])
+
+
+def blend(a: np.ndarray, b: np.ndarray, out: np.ndarray, ca: float, cb: float) -> None:
+    """out = float32(ca * float64(a) + cb * float64(b)), split over the cores for large vectors."""
+    for x, name in ((a, "a"), (b, "b"), (out, "out")):
+        _check(x, np.float32, name)
+        if x.size != a.size:
+            raise ValueError(f"{name} has {x.size} entries, a {a.size}")
+    fn = _lib().mf_blend
+    parts = max(1, min(cores(), a.size // (1 << 18)))
+    bounds = [i * a.size // parts for i in range(parts + 1)]
+    parallel(
+        [
+            lambda s=s, e=e: fn(_ptr(a), _ptr(b), _ptr(out), ca, cb, s, e)
+            for s, e in itertools.pairwise(bounds)
+        ]
+    )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
+from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods.linear import Weight
 
@@ -43,14 +45,19 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
     """
     a, b = base.reshape(-1), xs[0].reshape(-1)
     # float64 sums over blocks of 2M entries: the digits of a float64 computation, a few MiB
-    # of temporaries however large the tensor
+    # of temporaries however large the tensor (on CPU in float32: one C loop, no temporaries)
     blocks = [slice(i, i + (1 << 21)) for i in range(0, max(a.numel(), 1), 1 << 21)]
-    aa = bb = ab = 0.0
-    for z in blocks:
-        a64, b64 = a[z].double(), b[z].double()
-        aa += float(torch.dot(a64, a64))
-        bb += float(torch.dot(b64, b64))
-        ab += float(torch.dot(a64, b64))
+    fast = _kernels.available() and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in (a, b))
+    if fast:
+        a_np, b_np = np.ascontiguousarray(a.detach().numpy()), np.ascontiguousarray(b.detach().numpy())
+        aa, bb, ab = _kernels.dots(a_np, b_np)
+    else:
+        aa = bb = ab = 0.0
+        for z in blocks:
+            a64, b64 = a[z].double(), b[z].double()
+            aa += float(torch.dot(a64, a64))
+            bb += float(torch.dot(b64, b64))
+            ab += float(torch.dot(a64, b64))
     na, nb = math.sqrt(aa), math.sqrt(bb)
     cos = min(1.0, max(-1.0, ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))))
     if abs(cos) > DOT_THRESHOLD:
@@ -61,6 +68,9 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
         ca, cb = math.sin(theta - t * theta) / sin_theta, math.sin(t * theta) / sin_theta
     out = new_empty(base.shape, base.dtype, base.device)
     flat = out.view(-1)
+    if fast:
+        _kernels.blend(a_np, b_np, flat.numpy(), ca, cb)
+        return out
     for z in blocks:
         flat[z] = (ca * a[z].double() + cb * b[z].double()).to(base.dtype)
     return out
