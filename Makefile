@@ -12,8 +12,8 @@ SRC := src tests benchmarks
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when the dependencies change.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstall only when the dependencies or the C kernels change.
+$(STAMP): pyproject.toml setup.py src/modelfuse/merge/methods/_ckernels.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e '.[vision,hf,dev]'
 	touch $@

@@ -5,8 +5,9 @@
  * the same order per entry, so the results are the same bytes. Hence: no -ffast-math, and
  * no contraction of a * b + c into a fused multiply-add (setup.py compiles with
  * -ffp-contract=off). Loops run over blocks of KBLOCK entries whose per-model buffers stay
- * in L1/L2; the compiler vectorises the elementwise loops (AVX2 where the CPU has it, chosen
- * at run time through target_clones).
+ * in L1/L2; the compiler vectorises the elementwise loops for AVX-512 (x86-64-v4) or AVX2
+ * where the CPU has them, chosen at run time through target_clones (AVX-512 multiplies
+ * 64-bit lanes, which the random draws need).
  *
  * The module init at the end only makes the file importable as a Python extension (so
  * that setuptools builds and installs it); the functions are called through ctypes.
@@ -24,7 +25,7 @@
 #define NBUCKETS 32768 /* high 16 bits of a non-negative float32: the sign bit is clear */
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define MF_CLONES __attribute__((target_clones("avx2", "default")))
+#define MF_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define MF_CLONES
 #endif
