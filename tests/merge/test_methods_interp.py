@@ -313,6 +313,7 @@ def test_passthrough_copies_or_scales(shape, dtype):
     assert scaled.dtype == dtype and torch.equal(scaled, x * 0.5)
 
 
+@pytest.mark.usefixtures("merge_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -335,6 +336,7 @@ def test_model_stock_filter_wise_is_model_stock_of_each_row():
     torch.testing.assert_close(run("model_stock", xs, base, filter_wise=True), rows, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_model_stock_two_models_use_their_exact_angle():
     base = torch.zeros(2, dtype=torch.float64)
     xs = [torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)]
@@ -424,6 +426,7 @@ def test_identical_models_give_the_model_back(dtype, n):
     torch.testing.assert_close(run("arcee_fusion", [x], x.clone()), x, **tol)
 
 
+@pytest.mark.usefixtures("merge_path")
 def test_model_stock_with_models_equal_to_the_base_gives_the_base():
     base = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
     out = run("model_stock", [base.clone(), base.clone()], base)
@@ -548,3 +551,22 @@ def test_slerp_kernels_agree_with_the_torch_path(scale, monkeypatch):
         assert torch.equal(outs[0], outs[1])
     else:
         torch.testing.assert_close(outs[0], outs[1], rtol=2.4e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_model_stock_kernels_give_the_bytes_of_the_torch_path(n, monkeypatch):
+    """The C output pass sums the models in order and blends in float32 as the torch code."""
+    from modelfuse.merge.methods import _kernels
+
+    monkeypatch.setattr(_kernels, "cores", lambda: 3)  # split over threads
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(900, 700, generator=g)
+    xs = [base + 0.01 * torch.randn(900, 700, generator=g) for _ in range(n)]
+    outs = []
+    for enabled in (True, False):
+        before = _kernels.set_enabled(enabled)
+        try:
+            outs.append(get_method("model_stock")(xs, base))
+        finally:
+            _kernels.set_enabled(before)
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))

@@ -58,15 +58,17 @@ void mf_magnitude_highs(const float *x, const float *base, int64_t n, uint16_t *
     }
 }
 
-/* The entries whose high half is `bucket`, in position order: their magnitudes' bits and
- * positions (at most `count`). Returns how many were found. */
-int64_t mf_bucket_entries(const float *x, const float *base, const uint16_t *high, int64_t n, int64_t bucket,
-                          uint32_t *bits, int64_t *where, int64_t count) {
+/* The entries whose high half is `b1` or `b2`, in position order: their magnitudes' bits
+ * and positions (at most `count`). Returns how many were found. */
+int64_t mf_bucket_entries(const float *x, const float *base, const uint16_t *high, int64_t n, int64_t b1,
+                          int64_t b2, uint32_t *bits, int64_t *where, int64_t count) {
     int64_t c = 0;
-    for (int64_t j = 0; j < n && c < count; j++) {
-        if (high[j] == bucket) {
-            bits[c] = bits_of(fabsf(x[j] - base[j]));
-            where[c] = j;
+    for (int64_t j = 0; j < n; j++) {
+        if ((high[j] == b1) | (high[j] == b2)) {
+            if (c < count) {
+                bits[c] = bits_of(fabsf(x[j] - base[j]));
+                where[c] = j;
+            }
             c++;
         }
     }
@@ -439,6 +441,26 @@ void mf_dots(const float *a, const float *b, int64_t n, double *sums) {
 MF_CLONES
 void mf_blend(const float *a, const float *b, float *out, double ca, double cb, int64_t start, int64_t stop) {
     for (int64_t j = start; j < stop; j++) out[j] = (float)(ca * (double)a[j] + cb * (double)b[j]);
+}
+
+/* Model Stock's output on [start, stop): out = t * avg + u * base, avg = (0 + x_0 + ... +
+ * x_{N-1}) / N summed in model order (u = 1 - t, rounded by the caller as torch does). */
+MF_CLONES
+void mf_stock_blend(const float *const *xs, int64_t n_models, const float *base, float *out, float t, float u,
+                    int64_t start, int64_t stop) {
+    const float count = (float)n_models;
+    for (int64_t a = start; a < stop; a += KBLOCK) {
+        const int64_t m = stop - a < KBLOCK ? stop - a : KBLOCK;
+        float s[KBLOCK];
+        for (int64_t j = 0; j < m; j++) s[j] = 0.0f + xs[0][a + j];
+        for (int64_t i = 1; i < n_models; i++) {
+            const float *xa = xs[i] + a;
+            for (int64_t j = 0; j < m; j++) s[j] += xa[j];
+        }
+        const float *ba = base + a;
+        float *oa = out + a;
+        for (int64_t j = 0; j < m; j++) oa[j] = t * (s[j] / count) + u * ba[j];
+    }
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",

@@ -51,8 +51,9 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES = {
     "mf_magnitude_highs": (None, [_P, _P, _I64, _P, _P]),
-    "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _P, _P, _I64]),
+    "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _I64]),
     "mf_dots": (None, [_P, _P, _I64, _P]),
+    "mf_stock_blend": (None, [_P, _I64, _P, _P, ctypes.c_float, ctypes.c_float, _I64, _I64]),
     "mf_blend": (None, [_P, _P, _P, ctypes.c_double, ctypes.c_double, _I64, _I64]),
     "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _P]),
     "mf_cut_merge": (
@@ -131,16 +132,22 @@ def magnitude_highs(x: np.ndarray, base: np.ndarray, high: np.ndarray) -> np.nda
 
 
 def bucket_entries(
-    x: np.ndarray, base: np.ndarray, high: np.ndarray, bucket: int, count: int
+    x: np.ndarray, base: np.ndarray, high: np.ndarray, buckets: Sequence[int], count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(bits, positions) of the ``count`` entries whose high half is ``bucket``, in position order."""
+    """(bits, positions) of the ``count`` entries whose high half is one of ``buckets`` (one or
+    two), in position order: one scan for both ends of a window."""
+    if not 1 <= len(buckets) <= 2:
+        raise ValueError(f"one or two buckets, found {list(buckets)}")
+    b1, b2 = int(buckets[0]), int(buckets[-1])
     bits = np.empty(count, np.uint32)
     where = np.empty(count, np.int64)
     found = _lib().mf_bucket_entries(
-        _ptr(x), _ptr(base), _ptr(high), base.size, int(bucket), _ptr(bits), _ptr(where), count
+        _ptr(x), _ptr(base), _ptr(high), base.size, b1, b2, _ptr(bits), _ptr(where), count
     )
     if found != count:
-        raise RuntimeError(f"bucket {bucket}: the histogram counted {count} entries, the scan found {found}")
+        raise RuntimeError(
+            f"buckets {list(buckets)}: the histogram counted {count} entries, the scan found {found}"
+        )
     return bits, where
 
 
@@ -307,6 +314,28 @@ def blend(a: np.ndarray, b: np.ndarray, out: np.ndarray, ca: float, cb: float) -
     parallel(
         [
             lambda s=s, e=e: fn(_ptr(a), _ptr(b), _ptr(out), ca, cb, s, e)
+            for s, e in itertools.pairwise(bounds)
+        ]
+    )
+
+
+def stock_blend(xs: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray, t: float) -> None:
+    """Model Stock's output: out = t * mean(xs) + (1 - t) * base in float32 (the mean summed
+    in model order), split over the cores for large tensors."""
+    for i, x in enumerate([*xs, base, out]):
+        _check(x, np.float32, f"array {i}")
+        if x.size != base.size:
+            raise ValueError(f"array {i} has {x.size} entries, base {base.size}")
+    if not xs:
+        raise ValueError("stock_blend needs at least one model")
+    pointers = (ctypes.c_void_p * len(xs))(*[_ptr(x) for x in xs])
+    fn = _lib().mf_stock_blend
+    parts = max(1, min(cores(), base.size // (1 << 18)))
+    bounds = [i * base.size // parts for i in range(parts + 1)]
+    t32, u32 = float(np.float32(t)), float(np.float32(1 - t))
+    parallel(
+        [
+            lambda s=s, e=e: fn(pointers, len(xs), _ptr(base), _ptr(out), t32, u32, s, e)
             for s, e in itertools.pairwise(bounds)
         ]
     )

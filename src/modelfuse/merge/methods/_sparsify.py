@@ -770,13 +770,16 @@ class KernelMagnitudes:
         if self._hist is None:
             self._hist = _kernels.magnitude_highs(self.x, self.base, self.high)
         below = np.cumsum(self._hist)
+        buckets = [int(np.searchsorted(below, r, side="right")) for r in ranks]
+        wanted = sorted(set(buckets))  # one scan fetches the entries of every bucket asked for
+        all_bits, all_where = _kernels.bucket_entries(
+            self.x, self.base, self.high, wanted, int(sum(self._hist[b] for b in wanted))
+        )
         out = []
-        for r in ranks:
-            bucket = int(np.searchsorted(below, r, side="right"))
+        for r, bucket in zip(ranks, buckets):
             n_below = int(below[bucket - 1]) if bucket else 0
-            bits, where = _kernels.bucket_entries(
-                self.x, self.base, self.high, bucket, int(self._hist[bucket])
-            )
+            mine = (all_bits >> 16) == bucket
+            bits, where = all_bits[mine], all_where[mine]
             ordered = np.sort(bits)
             value = int(ordered[r - n_below])
             first = int(np.searchsorted(ordered, value, side="left"))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods._sparsify import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
@@ -79,6 +81,14 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
             _, tau = deltas(a, min(a + size, total))
             gram += (tau @ tau.T).double()
         t = float(ratio(gram))
+        if _kernels.available() and all(
+            x.dtype == torch.float32 and x.device.type == "cpu" for x in (base, *xs)
+        ):
+            arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flat_xs]
+            _kernels.stock_blend(
+                arrays, np.ascontiguousarray(flat_base.detach().numpy()), flat_out.numpy(), t
+            )
+            return out
         for a in range(0, total, size):
             b = min(a + size, total)
             write(a, b, flat_base[a:b].to(work), t)
