@@ -929,11 +929,18 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("n_models", [1, 2, 4])
 @pytest.mark.parametrize("shape", [(1,), (5000,), (37, 151)])
 @pytest.mark.parametrize("grid", [True, False])
-def test_kernels_give_the_bytes_of_the_torch_blocks(name, per_model, shared, n_models, shape, grid):
+@pytest.mark.parametrize("store", [True, False])
+def test_kernels_give_the_bytes_of_the_torch_blocks(
+    name, per_model, shared, n_models, shape, grid, store, monkeypatch
+):
     """The C kernels do the torch path's float32 operations in its order: the same bytes,
     on tie-heavy deltas (a grid: equal magnitudes straddle the cuts, across kernel blocks)
-    and on continuous ones, with positive, negative and cancelling weights."""
-    from modelfuse.merge.methods import _kernels
+    and on continuous ones, with positive, negative and cancelling weights; with the
+    magnitudes' high halves kept between the passes and recomputed (large tensors)."""
+    from modelfuse.merge.methods import _kernels, _sparsify
+
+    if not store:
+        monkeypatch.setattr(_sparsify, "_KERNEL_HIGH_STORE", 0)
 
     rng = np.random.default_rng(hash((name, n_models, shape, grid)) % 2**32)
     base = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
@@ -1030,3 +1037,50 @@ def test_kernels_split_over_threads_give_the_same_bytes(name, per_model, shared,
         finally:
             _kernels.set_enabled(before)
     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear and task arithmetic (the weighted sums the sparsifying methods build on)
+# ---------------------------------------------------------------------------------------------
+
+
+def np_linear(xs, weights, normalize):
+    """Model soup / weighted average (Wortsman et al. 2022, eq. 1): sum_i w_i x_i [/ sum_i w_i],
+    accumulated in model order (each product rounded) in float32, float64 for float64 inputs,
+    with the weights given as float32, as mergekit does."""
+    acc = np.float64 if xs[0].dtype == np.float64 else np.float32
+    w = np.asarray(weights, np.float32).astype(acc)
+    s = xs[0].astype(acc) * w[0]
+    for x, wi in zip(xs[1:], w[1:]):
+        s = s + x.astype(acc) * wi
+    if normalize:
+        s = s / w.sum(dtype=acc)
+    return s
+
+
+def np_task_arithmetic(xs, base, weights, lam, normalize):
+    """Ilharco et al. 2023: base + lambda * sum_i w_i (x_i - base) [/ sum_i w_i], in the base dtype."""
+    w = np.asarray(weights, base.dtype)
+    s = np.zeros_like(base)
+    for x, wi in zip(xs, w):
+        s = s + (x.astype(base.dtype) - base) * wi
+    if normalize:
+        div = w.sum(dtype=base.dtype)
+        s = s / (div if abs(div) >= 1e-8 else base.dtype.type(1))
+    return s * base.dtype.type(lam) + base
+
+
+@pytest.mark.usefixtures("merge_path")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(), (7,), (300, 1000)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.5, -0.25, 2.0)])
+def test_linear_and_task_arithmetic_match_reference(dtype, shape, normalize, weights):
+    xs, base = models(3, 31, shape, dtype)
+    per_model = [{"weight": w} for w in weights]
+    got = get_method("linear")(
+        [torch.from_numpy(np.asarray(x)) for x in xs], None, models=per_model, normalize=normalize
+    )
+    np.testing.assert_array_equal(got.numpy(), np_linear(xs, weights, normalize).astype(dtype))
+    got = run("task_arithmetic", xs, base, per_model, normalize=normalize, **{"lambda": 0.8})
+    np.testing.assert_array_equal(got, np_task_arithmetic(xs, base, weights, 0.8, normalize))

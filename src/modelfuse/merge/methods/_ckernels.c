@@ -36,16 +36,18 @@ static inline uint32_t bits_of(float f) {
     return u;
 }
 
-/* high[j] = the high 16 bits of |x[j] - base[j]|; hist (2 x NBUCKETS, added to) counts them. */
+/* high[j] = the high 16 bits of |x[j] - base[j]|; hist (2 x NBUCKETS, added to) counts them.
+ * With high == NULL only the histogram is made (the bucket scan then recomputes). */
 MF_CLONES
 void mf_magnitude_highs(const float *x, const float *base, int64_t n, uint16_t *high, int64_t *hist) {
     float mag[KBLOCK];
     uint32_t bits[KBLOCK];
+    uint16_t local[KBLOCK];
     int64_t *h0 = hist, *h1 = hist + NBUCKETS; /* two histograms: equal neighbours do not wait */
     for (int64_t a = 0; a < n; a += KBLOCK) {
         int64_t m = n - a < KBLOCK ? n - a : KBLOCK;
         const float *xa = x + a, *ba = base + a;
-        uint16_t *ha = high + a;
+        uint16_t *ha = high != NULL ? high + a : local;
         for (int64_t j = 0; j < m; j++) mag[j] = fabsf(xa[j] - ba[j]);
         memcpy(bits, mag, (size_t)m * sizeof(float));
         for (int64_t j = 0; j < m; j++) ha[j] = (uint16_t)(bits[j] >> 16);
@@ -59,12 +61,14 @@ void mf_magnitude_highs(const float *x, const float *base, int64_t n, uint16_t *
 }
 
 /* The entries whose high half is `b1` or `b2`, in position order: their magnitudes' bits
- * and positions (at most `count`). Returns how many were found. */
+ * and positions (at most `count`); the high halves from `high`, or recomputed when it is
+ * NULL. Returns how many were found. */
 int64_t mf_bucket_entries(const float *x, const float *base, const uint16_t *high, int64_t n, int64_t b1,
                           int64_t b2, uint32_t *bits, int64_t *where, int64_t count) {
     int64_t c = 0;
     for (int64_t j = 0; j < n; j++) {
-        if ((high[j] == b1) | (high[j] == b2)) {
+        const uint32_t h = high != NULL ? high[j] : bits_of(fabsf(x[j] - base[j])) >> 16;
+        if ((h == b1) | (h == b2)) {
             if (c < count) {
                 bits[c] = bits_of(fabsf(x[j] - base[j]));
                 where[c] = j;
@@ -460,6 +464,43 @@ void mf_stock_blend(const float *const *xs, int64_t n_models, const float *base,
         const float *ba = base + a;
         float *oa = out + a;
         for (int64_t j = 0; j < m; j++) oa[j] = t * (s[j] / count) + u * ba[j];
+    }
+}
+
+/* Weighted sums on [start, stop) in float32, in model order, as the torch code of linear
+ * and task_arithmetic rounds them:
+ *   base == NULL (linear):           s = x_0 w_0 + x_1 w_1 + ... [/ div]; out = s
+ *   base != NULL (task arithmetic):  s = 0 + (x_0 - b) w_0 + ... [/ div]; out = s lam + b */
+MF_CLONES
+void mf_weighted_sum(const float *const *xs, int64_t n_models, const float *base, float *out, const float *w,
+                     int normalize, float div, float lam, int64_t start, int64_t stop) {
+    for (int64_t a = start; a < stop; a += KBLOCK) {
+        const int64_t m = stop - a < KBLOCK ? stop - a : KBLOCK;
+        float s[KBLOCK];
+        float *oa = out + a;
+        if (base == NULL) {
+            const float *x0 = xs[0] + a;
+            for (int64_t j = 0; j < m; j++) s[j] = x0[j] * w[0];
+            for (int64_t i = 1; i < n_models; i++) {
+                const float *xa = xs[i] + a;
+                const float wi = w[i];
+                for (int64_t j = 0; j < m; j++) s[j] += xa[j] * wi;
+            }
+            if (normalize)
+                for (int64_t j = 0; j < m; j++) s[j] = s[j] / div;
+            for (int64_t j = 0; j < m; j++) oa[j] = s[j];
+        } else {
+            const float *ba = base + a;
+            for (int64_t j = 0; j < m; j++) s[j] = 0.0f;
+            for (int64_t i = 0; i < n_models; i++) {
+                const float *xa = xs[i] + a;
+                const float wi = w[i];
+                for (int64_t j = 0; j < m; j++) s[j] += (xa[j] - ba[j]) * wi;
+            }
+            if (normalize)
+                for (int64_t j = 0; j < m; j++) s[j] = s[j] / div;
+            for (int64_t j = 0; j < m; j++) oa[j] = s[j] * lam + ba[j];
+        }
     }
 }
 

@@ -53,6 +53,10 @@ _SIGNATURES = {
     "mf_magnitude_highs": (None, [_P, _P, _I64, _P, _P]),
     "mf_bucket_entries": (_I64, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _I64]),
     "mf_dots": (None, [_P, _P, _I64, _P]),
+    "mf_weighted_sum": (
+        None,
+        [_P, _I64, _P, _P, _P, ctypes.c_int, ctypes.c_float, ctypes.c_float, _I64, _I64],
+    ),
     "mf_stock_blend": (None, [_P, _I64, _P, _P, ctypes.c_float, ctypes.c_float, _I64, _I64]),
     "mf_blend": (None, [_P, _P, _P, ctypes.c_double, ctypes.c_double, _I64, _I64]),
     "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _P]),
@@ -119,20 +123,24 @@ def _check(a: np.ndarray, dtype: type, name: str) -> None:
         raise TypeError(f"{name}: expected a contiguous {np.dtype(dtype)} array, found {a.dtype}")
 
 
-def magnitude_highs(x: np.ndarray, base: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Fill ``high`` (uint16) with the high halves of |x - base|'s float32 bits; return their
-    histogram (int64, 2^15 buckets: the sign bit is clear)."""
-    for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (high, np.uint16, "high")):
+def magnitude_highs(x: np.ndarray, base: np.ndarray, high: np.ndarray | None) -> np.ndarray:
+    """Fill ``high`` (uint16; None: keep nothing) with the high halves of |x - base|'s float32
+    bits; return their histogram (int64, 2^15 buckets: the sign bit is clear)."""
+    for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base")):
         _check(a, dtype, name)
-    if not x.size == base.size <= high.size:
-        raise ValueError(f"sizes: x {x.size}, base {base.size}, high {high.size}")
+    if high is not None:
+        _check(high, np.uint16, "high")
+    if x.size != base.size or (high is not None and high.size < base.size):
+        raise ValueError(f"sizes: x {x.size}, base {base.size}, high {None if high is None else high.size}")
     hist = np.zeros((2, _HIGH), np.int64)
-    _lib().mf_magnitude_highs(_ptr(x), _ptr(base), base.size, _ptr(high), _ptr(hist))
+    _lib().mf_magnitude_highs(
+        _ptr(x), _ptr(base), base.size, None if high is None else _ptr(high), _ptr(hist)
+    )
     return hist.sum(axis=0)
 
 
 def bucket_entries(
-    x: np.ndarray, base: np.ndarray, high: np.ndarray, buckets: Sequence[int], count: int
+    x: np.ndarray, base: np.ndarray, high: np.ndarray | None, buckets: Sequence[int], count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(bits, positions) of the ``count`` entries whose high half is one of ``buckets`` (one or
     two), in position order: one scan for both ends of a window."""
@@ -142,7 +150,15 @@ def bucket_entries(
     bits = np.empty(count, np.uint32)
     where = np.empty(count, np.int64)
     found = _lib().mf_bucket_entries(
-        _ptr(x), _ptr(base), _ptr(high), base.size, b1, b2, _ptr(bits), _ptr(where), count
+        _ptr(x),
+        _ptr(base),
+        None if high is None else _ptr(high),
+        base.size,
+        b1,
+        b2,
+        _ptr(bits),
+        _ptr(where),
+        count,
     )
     if found != count:
         raise RuntimeError(
@@ -339,3 +355,41 @@ def stock_blend(xs: Sequence[np.ndarray], base: np.ndarray, out: np.ndarray, t: 
             for s, e in itertools.pairwise(bounds)
         ]
     )
+
+
+def weighted_sum(
+    xs: Sequence[np.ndarray],
+    base: np.ndarray | None,
+    out: np.ndarray,
+    weight: Sequence[float],
+    *,
+    normalize: bool,
+    div: float,
+    lam: float = 1.0,
+) -> None:
+    """float32 weighted sums in model order: without ``base`` linear's sum_i w_i x_i [/ div];
+    with it task arithmetic's (sum_i w_i (x_i - base) [/ div]) * lam + base. Split over the
+    cores for large tensors."""
+    arrays = [*xs, out] + ([] if base is None else [base])
+    for i, x in enumerate(arrays):
+        _check(x, np.float32, f"array {i}")
+        if x.size != out.size:
+            raise ValueError(f"array {i} has {x.size} entries, out {out.size}")
+    if not xs or len(weight) != len(xs):
+        raise ValueError(f"{len(xs)} models and {len(weight)} weights")
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    pointers = (ctypes.c_void_p * len(xs))(*[_ptr(x) for x in xs])
+    fn = _lib().mf_weighted_sum
+    parts = max(1, min(cores(), out.size // (1 << 18)))
+    bounds = [i * out.size // parts for i in range(parts + 1)]
+    args = (
+        pointers,
+        len(xs),
+        None if base is None else _ptr(base),
+        _ptr(out),
+        _ptr(w),
+        int(bool(normalize)),
+        float(np.float32(div)),
+        float(np.float32(lam)),
+    )
+    parallel([lambda s=s, e=e: fn(*args, s, e) for s, e in itertools.pairwise(bounds)])

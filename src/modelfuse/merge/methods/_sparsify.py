@@ -758,7 +758,7 @@ class KernelMagnitudes:
     kernels (``_kernels``): the radix select of ``order_statistics`` in two fused passes,
     remembering the positions of the entries equal to each value it returns."""
 
-    def __init__(self, x: np.ndarray, base: np.ndarray, high: np.ndarray):
+    def __init__(self, x: np.ndarray, base: np.ndarray, high: np.ndarray | None):
         self.x, self.base, self.high = x, base, high
         self.n = base.size
         self.equal: dict[int, np.ndarray] = {}  # value bits -> positions of the equal entries
@@ -813,6 +813,9 @@ def _kernel_cut(cut: MagnitudeCut, source: KernelMagnitudes | None, rule: np.nda
         )
     )
 
+
+#: tensors up to this many entries keep their magnitudes' high halves between the two passes
+_KERNEL_HIGH_STORE = 1 << 23
 
 _KERNEL_PARTS = (KeepAll, TopK, Window, Threshold, RandomKeep, RankKeep)
 
@@ -875,7 +878,10 @@ def _kernel_merge(
         elif isinstance(part, Threshold):
             positions = _kernel_cut(part.cut, None, rule)
         elif isinstance(part, _CutSparsifier):
-            if high is None:  # shared: the models' statistics run one after another
+            # the high halves are kept (2 bytes/entry, shared: the models' statistics run one
+            # after another) unless the tensor is large: then the bucket scan recomputes them,
+            # which bounds the memory of embedding-sized tensors
+            if high is None and b.size <= _KERNEL_HIGH_STORE:
                 high = new_empty((b.size,), torch.int16).numpy().view(np.uint16)
             source = KernelMagnitudes(x_arrays[i], b, high)
             positions = _kernel_cut(part.make_cut(source, b.size), source, rule)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import Params, merge_method, new_empty
 
 #: entries per block (as the sparsifying methods: buffers stay in cache)
@@ -44,6 +46,10 @@ def linear(
     total = w.sum()
     out = new_empty(xs[0].shape, xs[0].dtype, xs[0].device)
     flat_out, flats = out.view(-1), [x.reshape(-1) for x in xs]
+    if _kernels.available() and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in xs):
+        arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flats]
+        _kernels.weighted_sum(arrays, None, flat_out.numpy(), weight, normalize=normalize, div=float(total))
+        return out
     # in blocks: the same elementwise operations, with cache-sized buffers instead of two
     # full-size temporaries
     size = max(1, min(BLOCK, out.numel()))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import Params, merge_method, new_empty
 from modelfuse.merge.methods.linear import BLOCK, Weight
 
@@ -36,6 +38,13 @@ def task_arithmetic(
         div = torch.ones_like(div)
     out = new_empty(base.shape, base.dtype, base.device)
     flat_out, flat_base, flats = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in xs]
+    if _kernels.available() and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in (base, *xs)):
+        arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flats]
+        b = np.ascontiguousarray(flat_base.detach().numpy())
+        _kernels.weighted_sum(
+            arrays, b, flat_out.numpy(), weight, normalize=normalize, div=float(div), lam=lambda_
+        )
+        return out
     size = max(1, min(BLOCK, out.numel()))  # blocks: the same elementwise operations, in cache
     tau = torch.empty(size, dtype=dtype, device=base.device)
     for a in range(0, out.numel(), size):
