@@ -207,9 +207,11 @@ static inline void keep_block(const float *x, const float *base, float *t, const
             row_probabilities(bits + r, row, sc[S_LOW], sc[S_SPAN], sc[S_P], w->p + r, w);
         const float *p = w->p;
         for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p[j] ? 1.0f : 0.0f);
-    } else if (mode == KEEP_MASK) {
-        const uint8_t *ma = mask + a;
-        for (int64_t j = 0; j < m; j++) t[j] = t[j] * (ma[j] ? 1.0f : 0.0f);
+    } else if (mode == KEEP_MASK) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t at = a + j;
+            t[j] = t[j] * ((mask[at >> 3] >> (at & 7)) & 1 ? 1.0f : 0.0f);
+        }
     }
 }
 
@@ -240,7 +242,7 @@ static inline void cut_block(const float *const *xs, int64_t n_models, const flo
 /* The norms of one model's task vector and of its kept part (float64; sums in 8 lanes,
  * lane k over the positions j = k mod 8, then the lanes in order; kind 1: L1, 2: L2
  * squared, 3: max), into norms[0] and norms[1]. With `mask_out`, the keep decisions are
- * stored there (1 kept, 0 dropped) for the merge pass. `blk`: entries per block (whole
+ * stored there, one bit per entry (position j: bit j % 8 of byte j / 8), for the merge pass. `blk`: entries per block (whole
  * rows for KEEP_RANK). Returns 0, or -1 when memory ran out. */
 MF_CLONES
 int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *rule, const float *sc,
@@ -259,14 +261,16 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
         int64_t m = n - a < blk ? n - a : blk;
         keep_block(x, base, t, rule, sc, kept, &cursor, NULL, a, m, &w);
         const float *xa = x + a, *ba = base + a;
-        if (mask_out != NULL) {
-            uint8_t *ma = mask_out + a;
+        if (mask_out != NULL) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
             const float *p = w.p;
             const uint64_t seed = (uint64_t)rule[R_SEED];
-            if (rule[R_MODE] == KEEP_RANK)
-                for (int64_t j = 0; j < m; j++) ma[j] = uniform(seed, a + j) < p[j];
-            else
-                for (int64_t j = 0; j < m; j++) ma[j] = t[j] != 0.0f || xa[j] - ba[j] == 0.0f;
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t at = a + j;
+                const int keep = rule[R_MODE] == KEEP_RANK ? uniform(seed, at) < p[j]
+                                                           : (t[j] != 0.0f || xa[j] - ba[j] == 0.0f);
+                const uint8_t bit = (uint8_t)(1u << (at & 7));
+                mask_out[at >> 3] = keep ? (uint8_t)(mask_out[at >> 3] | bit) : (uint8_t)(mask_out[at >> 3] & ~bit);
+            }
         }
         for (int64_t j = 0; j < m; j++) mag[j] = fabsf(xa[j] - ba[j]);
         for (int64_t j = 0; j < m; j++) t[j] = fabsf(t[j]);
@@ -374,7 +378,7 @@ static inline void merge_block(const float *u, int64_t blk, int64_t n_models, co
  * R_MODE KEEP_ALL; KEEP_CUT: the entries whose magnitude bits b satisfy R_LO < b < R_HI,
  * plus the positions kept[R_KEPT0:R_KEPT1] (ascending); KEEP_RANDOM: where
  * uniform(R_SEED, j) < scale[i][S_P]; KEEP_RANK: where uniform(R_SEED, j) < p_j, DELLA's
- * probabilities over rows of R_ROW entries; KEEP_MASK: where masks[i][j] != 0. Then
+ * probabilities over rows of R_ROW entries; KEEP_MASK: where bit j of masks[i] is set. Then
  * R_RESCALE: none, divide by the keep probability, or multiply by scale[i][S_FACTOR]; the
  * weight is scale[i][S_WEIGHT] (and w[i]). Computes the entries [start, stop) (start a
  * multiple of blk, so that blocks hold whole rows; blk entries per block): disjoint

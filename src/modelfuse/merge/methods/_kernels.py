@@ -167,6 +167,11 @@ def bucket_entries(
     return bits, where
 
 
+def mask_bytes(n: int) -> int:
+    """Bytes of a keep mask of n entries (one bit each)."""
+    return (n + 7) // 8
+
+
 def block_size(row: int = 1) -> int:
     """Entries per kernel block: about ``KBLOCK``, whole rows of ``row`` entries."""
     row = max(1, row)
@@ -184,16 +189,17 @@ def keep_norms(
 ) -> tuple[float, float]:
     """(norm of tau, norm of its kept part) for one model's ``rule`` and ``scale`` rows (see
     ``cut_merge``; ``kept``: its positions alone): ``kind`` "l1", "l2" (the norm, not its
-    square) or "linf"; float64 sums. ``mask`` (uint8, one per entry): filled with the keep
-    decisions, for a KEEP_MASK merge that follows."""
+    square) or "linf"; float64 sums. ``mask`` (uint8, (n + 7) // 8 bytes): filled with the
+    keep decisions, one bit per entry (position j: bit j % 8 of byte j // 8), for a
+    KEEP_MASK merge that follows."""
     for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (rule, np.int64, "rule")):
         _check(a, dtype, name)
     _check(scale, np.float32, "scale")
     _check(kept, np.int64, "kept")
     if mask is not None:
         _check(mask, np.uint8, "mask")
-        if mask.size != base.size:
-            raise ValueError(f"mask has {mask.size} entries, the tensor {base.size}")
+        if mask.size != mask_bytes(base.size):
+            raise ValueError(f"mask has {mask.size} bytes, the tensor's bits need {mask_bytes(base.size)}")
     rule = rule.copy()
     rule[R_KEPT0], rule[R_KEPT1] = 0, kept.size  # ``kept``: this model's positions only
     norms = np.zeros(2, np.float64)
@@ -237,7 +243,7 @@ def cut_merge(
     ``kept[R_KEPT0:R_KEPT1]`` (ascending); KEEP_RANDOM, where ``uniform(R_SEED, j) <
     scale[i, S_P]``; KEEP_RANK, where ``uniform(R_SEED, j) < p_j``, DELLA's probabilities
     ``(r / (n - 1)) * scale[i, S_SPAN] + scale[i, S_LOW]`` from the stable rank r of |tau| in
-    rows of ``R_ROW`` entries; KEEP_MASK, where ``masks[i]`` (uint8) is non-zero.
+    rows of ``R_ROW`` entries; KEEP_MASK, where bit j of ``masks[i]`` is set (see ``keep_norms``).
     ``R_RESCALE``: none, divide by the keep probability, or multiply by
     ``scale[i, S_FACTOR]``; ``scale[i, S_WEIGHT]`` is the weight. The result goes to ``out``."""
     n_models = len(xs)
@@ -271,8 +277,10 @@ def cut_merge(
         for i, m in enumerate(masks):
             if m is not None:
                 _check(m, np.uint8, f"masks[{i}]")
-                if m.size != base.size:
-                    raise ValueError(f"masks[{i}] has {m.size} entries, the tensor {base.size}")
+                if m.size != mask_bytes(base.size):
+                    raise ValueError(
+                        f"masks[{i}] has {m.size} bytes, the tensor's bits need {mask_bytes(base.size)}"
+                    )
         mask_pointers = (ctypes.c_void_p * max(1, n_models))(*[None if m is None else _ptr(m) for m in masks])
     if any(r[R_MODE] == KEEP_MASK and (masks is None or masks[i] is None) for i, r in enumerate(rules)):
         raise ValueError("a KEEP_MASK rule without its mask")

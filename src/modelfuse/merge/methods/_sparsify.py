@@ -894,8 +894,8 @@ def _kernel_merge(
             rule[_kernels.R_RESCALE] = _kernels.RESCALE_DIVIDE
         elif part.rescale in ("l1", "l2", "linf"):
             mask = None
-            if isinstance(part, RankKeep):  # ranks once: the norm pass keeps its decisions
-                mask = new_empty((b.size,), torch.uint8).numpy()
+            if isinstance(part, RankKeep):  # ranks once: the norm pass keeps its decisions (1 bit each)
+                mask = new_empty((_kernels.mask_bytes(b.size),), torch.uint8).numpy()
                 masks[i] = mask
             norm_jobs.append(
                 (
