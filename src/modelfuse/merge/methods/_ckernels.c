@@ -208,10 +208,15 @@ static inline void keep_block(const float *x, const float *base, float *t, const
         const float *p = w->p;
         for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p[j] ? 1.0f : 0.0f);
     } else if (mode == KEEP_MASK) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
-        for (int64_t j = 0; j < m; j++) {
-            const int64_t at = a + j;
-            t[j] = t[j] * ((mask[at >> 3] >> (at & 7)) & 1 ? 1.0f : 0.0f);
+        float *keep = w->p;
+        int64_t j = 0;
+        for (; j < m && ((a + j) & 7); j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1 ? 1.0f : 0.0f;
+        for (; j + 8 <= m; j += 8) {
+            const uint8_t byte = mask[(a + j) >> 3];
+            for (int k = 0; k < 8; k++) keep[j + k] = (byte >> k) & 1 ? 1.0f : 0.0f;
         }
+        for (; j < m; j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1 ? 1.0f : 0.0f;
+        for (j = 0; j < m; j++) t[j] = t[j] * keep[j];
     }
 }
 
@@ -239,6 +244,11 @@ static inline void cut_block(const float *const *xs, int64_t n_models, const flo
     }
 }
 
+static inline void set_bit(uint8_t *mask, int64_t at, int on) {
+    const uint8_t bit = (uint8_t)(1u << (at & 7));
+    mask[at >> 3] = on ? (uint8_t)(mask[at >> 3] | bit) : (uint8_t)(mask[at >> 3] & ~bit);
+}
+
 /* The norms of one model's task vector and of its kept part (float64; sums in 8 lanes,
  * lane k over the positions j = k mod 8, then the lanes in order; kind 1: L1, 2: L2
  * squared, 3: max), into norms[0] and norms[1]. With `mask_out`, the keep decisions are
@@ -264,13 +274,19 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
         if (mask_out != NULL) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
             const float *p = w.p;
             const uint64_t seed = (uint64_t)rule[R_SEED];
-            for (int64_t j = 0; j < m; j++) {
-                const int64_t at = a + j;
-                const int keep = rule[R_MODE] == KEEP_RANK ? uniform(seed, at) < p[j]
-                                                           : (t[j] != 0.0f || xa[j] - ba[j] == 0.0f);
-                const uint8_t bit = (uint8_t)(1u << (at & 7));
-                mask_out[at >> 3] = keep ? (uint8_t)(mask_out[at >> 3] | bit) : (uint8_t)(mask_out[at >> 3] & ~bit);
+            uint8_t *kb = (uint8_t *)w.bits; /* m bytes of keep decisions, then packed */
+            if (rule[R_MODE] == KEEP_RANK)
+                for (int64_t j = 0; j < m; j++) kb[j] = uniform(seed, a + j) < p[j];
+            else
+                for (int64_t j = 0; j < m; j++) kb[j] = t[j] != 0.0f || xa[j] - ba[j] == 0.0f;
+            int64_t j = 0;
+            for (; j < m && ((a + j) & 7); j++) set_bit(mask_out, a + j, kb[j]);
+            for (; j + 8 <= m; j += 8) {
+                uint8_t byte = 0;
+                for (int k = 0; k < 8; k++) byte |= (uint8_t)(kb[j + k] << k);
+                mask_out[(a + j) >> 3] = byte;
             }
+            for (; j < m; j++) set_bit(mask_out, a + j, kb[j]);
         }
         for (int64_t j = 0; j < m; j++) mag[j] = fabsf(xa[j] - ba[j]);
         for (int64_t j = 0; j < m; j++) t[j] = fabsf(t[j]);
