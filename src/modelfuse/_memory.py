@@ -1,10 +1,10 @@
 """Hand freed heap memory back to the system before a streaming process's peak, on glibc.
 
-A streaming merge reads its inputs into reused buffers (``merge.executor.BufferPool``), so
-the tensors it reads cost no fresh pages. What glibc's heap keeps after the method's
-temporaries and outputs are freed stays resident, though, and would add to the peak that
-comes with the largest tensors (embeddings, output heads). ``release_free_memory`` calls
-``malloc_trim(0)`` before such a tensor.
+A streaming merge maps its safetensors inputs and keeps outputs and other reads in reused
+buffers (``merge.executor.BufferPool``), so they cost no fresh pages. What glibc's heap
+keeps after other temporaries are freed stays resident, though, and would add to the peak
+that comes with the largest tensors (embeddings, output heads). ``release_free_memory``
+calls ``malloc_trim(0)`` before such a tensor.
 
 (An earlier version fixed glibc's mmap threshold at 1 MiB so that every tensor-sized block
 went back to the system on free; with reads pooled, that only made each temporary cost

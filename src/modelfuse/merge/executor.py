@@ -1,8 +1,8 @@
 """Run a merge plan tensor by tensor: read ahead on threads, compute, write each result in place.
 
 Memory is bounded by the tensors in flight (a read-ahead budget in bytes), never by the
-models' size: inputs are read one tensor at a time with positional reads, and the writer
-streams each result to its declared offset in the output shard.
+models' size: inputs are mapped (safetensors) or read (other formats) one tensor at a time,
+and the writer streams each result to its declared offset in the output shard.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 class BufferPool:
-    """Reusable read buffers (uint8, by exact size): a streaming merge reads tensors of a few
-    sizes over and over, and memory the process already holds costs no page faults, no
-    zeroing by the kernel and no unmapping. At most ``cap`` bytes lie idle; beyond that the
-    least recently returned buffers are freed. Thread-safe (readers take, the main thread gives).
+    """Reusable buffers (uint8, by exact size) for reads of non-safetensors inputs, method
+    outputs and large scratch arrays: a streaming merge handles tensors of a few sizes over
+    and over, and memory the process already holds costs no page faults, no zeroing by the
+    kernel and no unmapping. At most ``cap`` bytes lie idle; beyond that the least recently
+    returned buffers are freed. Thread-safe (readers and the main thread take and give).
     """
 
     def __init__(self, cap: int):
