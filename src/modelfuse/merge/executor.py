@@ -24,6 +24,7 @@ from modelfuse._memory import release_free_memory
 from modelfuse.errors import FusionError
 from modelfuse.io import CheckpointWriter
 from modelfuse.io.checkpoint import CONFIG_FILES, TOKENIZER_FILES
+from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import workspace
 from modelfuse.merge.plan import MergePlan, TensorTask
 from modelfuse.progress import progress as progress_bar
@@ -287,7 +288,7 @@ def _quiet_runtime(dev: torch.device) -> Iterator[None]:
     exist at the start (imports: about a million) are left out of garbage collections,
     which otherwise scan them again and again as the loop allocates small objects."""
     threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _kernels.cores()
     if dev.type == "cpu":
         torch.set_num_threads(max(1, min(threads, cores - 1)))
     gc.freeze()

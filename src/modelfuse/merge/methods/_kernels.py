@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 _HIGH = 1 << 15  # buckets of the high 16 bits of a non-negative float32
 NONE_HIGH = 1 << 33  # a bound above every 32-bit pattern
@@ -112,6 +113,15 @@ def parallel(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="modelfuse-kernel")
     return [f.result() for f in [_pool.submit(job) for job in jobs]]
+
+
+def float32_arrays(tensors: Sequence[torch.Tensor]) -> list[np.ndarray] | None:
+    """The tensors flattened to contiguous float32 NumPy arrays (views, no copies, for
+    contiguous tensors) when the kernels apply to them: the kernels are available and every
+    tensor is float32 on the CPU. Otherwise None: the caller runs its torch code."""
+    if not available() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    return [np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors]
 
 
 def _ptr(a: np.ndarray) -> int:

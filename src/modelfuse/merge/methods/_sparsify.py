@@ -839,9 +839,6 @@ def _kernel_merge(
     order (it can differ in the last bit)."""
     if not _kernels.available() or block is not None or unweighted_vote or not parts:
         return None
-    tensors = [base, *xs]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
     for part in parts:
         if type(part) not in _KERNEL_PARTS:
             return None
@@ -849,9 +846,11 @@ def _kernel_merge(
             return None
         if isinstance(part, RankKeep) and (part.inner != 1 or part.row >= 1 << 32):
             return None  # rows along dim 1 of a tensor with 3+ dims are strided: the torch path
+    flat = _kernels.float32_arrays([base, *xs])
+    if flat is None:
+        return None
     for i, x in enumerate(xs):
         _check_shape(i, x, base)
-    flat = [np.ascontiguousarray(t.detach().reshape(-1).numpy()) for t in tensors]
     b, x_arrays = flat[0], flat[1:]
     n_models = len(parts)
     rules = np.zeros((n_models, 8), dtype=np.int64)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from modelfuse.merge.methods import _kernels
@@ -46,8 +45,8 @@ def linear(
     total = w.sum()
     out = new_empty(xs[0].shape, xs[0].dtype, xs[0].device)
     flat_out, flats = out.view(-1), [x.reshape(-1) for x in xs]
-    if _kernels.available() and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in xs):
-        arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flats]
+    arrays = _kernels.float32_arrays(flats)
+    if arrays is not None:
         _kernels.weighted_sum(arrays, None, flat_out.numpy(), weight, normalize=normalize, div=float(total))
         return out
     # in blocks: the same elementwise operations, with cache-sized buffers instead of two

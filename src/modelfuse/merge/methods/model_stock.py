@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -81,13 +80,9 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool
             _, tau = deltas(a, min(a + size, total))
             gram += (tau @ tau.T).double()
         t = float(ratio(gram))
-        if _kernels.available() and all(
-            x.dtype == torch.float32 and x.device.type == "cpu" for x in (base, *xs)
-        ):
-            arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flat_xs]
-            _kernels.stock_blend(
-                arrays, np.ascontiguousarray(flat_base.detach().numpy()), flat_out.numpy(), t
-            )
+        arrays = _kernels.float32_arrays([flat_base, *flat_xs])
+        if arrays is not None:
+            _kernels.stock_blend(arrays[1:], arrays[0], flat_out.numpy(), t)
             return out
         for a in range(0, total, size):
             b = min(a + size, total)

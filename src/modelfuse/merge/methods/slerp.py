@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -47,10 +46,9 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
     # float64 sums over blocks of 2M entries: the digits of a float64 computation, a few MiB
     # of temporaries however large the tensor (on CPU in float32: one C loop, no temporaries)
     blocks = [slice(i, i + (1 << 21)) for i in range(0, max(a.numel(), 1), 1 << 21)]
-    fast = _kernels.available() and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in (a, b))
-    if fast:
-        a_np, b_np = np.ascontiguousarray(a.detach().numpy()), np.ascontiguousarray(b.detach().numpy())
-        aa, bb, ab = _kernels.dots(a_np, b_np)
+    arrays = _kernels.float32_arrays([a, b])
+    if arrays is not None:
+        aa, bb, ab = _kernels.dots(*arrays)
     else:
         aa = bb = ab = 0.0
         for z in blocks:
@@ -68,8 +66,8 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
         ca, cb = math.sin(theta - t * theta) / sin_theta, math.sin(t * theta) / sin_theta
     out = new_empty(base.shape, base.dtype, base.device)
     flat = out.view(-1)
-    if fast:
-        _kernels.blend(a_np, b_np, flat.numpy(), ca, cb)
+    if arrays is not None:
+        _kernels.blend(*arrays, flat.numpy(), ca, cb)
         return out
     for z in blocks:
         flat[z] = (ca * a[z].double() + cb * b[z].double()).to(base.dtype)

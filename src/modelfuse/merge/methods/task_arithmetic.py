@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -38,11 +37,10 @@ def task_arithmetic(
         div = torch.ones_like(div)
     out = new_empty(base.shape, base.dtype, base.device)
     flat_out, flat_base, flats = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in xs]
-    if _kernels.available() and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in (base, *xs)):
-        arrays = [np.ascontiguousarray(x.detach().numpy()) for x in flats]
-        b = np.ascontiguousarray(flat_base.detach().numpy())
+    arrays = _kernels.float32_arrays([flat_base, *flats])
+    if arrays is not None:
         _kernels.weighted_sum(
-            arrays, b, flat_out.numpy(), weight, normalize=normalize, div=float(div), lam=lambda_
+            arrays[1:], arrays[0], flat_out.numpy(), weight, normalize=normalize, div=float(div), lam=lambda_
         )
         return out
     size = max(1, min(BLOCK, out.numel()))  # blocks: the same elementwise operations, in cache
