@@ -1039,6 +1039,88 @@ def test_kernels_split_over_threads_give_the_same_bytes(name, per_model, shared,
     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
 
 
+def _della_rows(rng, cols):
+    """Task-vector rows for each way the kernels settle DELLA's keep decisions: all zero; one
+    value among zeros; continuous (few open decisions, each ranked alone); a third exact
+    zeros (many open ones in one bucket: its members sorted); two values on 40% each (most
+    of the row open: all ranked); one value on 60% (a crowded bucket: all ranked); a few
+    outliers that stretch the buckets; a short row."""
+    rows = np.zeros((8, cols), np.float32)
+    rows[1, cols // 3] = 0.5
+    rows[2] = rng.standard_normal(cols) * 0.01
+    rows[3] = rng.standard_normal(cols) * 0.01 * (rng.random(cols) > 1 / 3)
+    rows[4] = np.where(rng.random(cols) < 0.4, 0.02, np.where(rng.random(cols) < 0.67, -0.03, 0.0))
+    rows[4] += (rows[4] == 0) * rng.standard_normal(cols).astype(np.float32) * 0.01
+    rows[5] = np.where(rng.random(cols) < 0.6, 0.25, rng.standard_normal(cols) * 0.1)
+    rows[6] = rng.standard_normal(cols) * 1e-4
+    rows[6, rng.integers(0, cols, 5)] = 30.0
+    rows[7, :3] = [0.1, -0.1, 0.2][:cols]
+    return rows
+
+
+def _on_both_paths(call):
+    """call() with the C kernels, then with the torch path."""
+    from modelfuse.merge.methods import _kernels
+
+    outs = []
+    for enabled in (True, False):
+        before = _kernels.set_enabled(enabled)
+        try:
+            outs.append(call())
+        finally:
+            _kernels.set_enabled(before)
+    return outs
+
+
+@pytest.mark.parametrize("rescale", ["l1", "none", "inverse_density"])
+def test_della_kernels_decide_like_the_full_ranking_on_every_kind_of_row(rescale):
+    """The C kernels settle most DELLA decisions from coarse buckets and rank only the open
+    ones; on rows built to take each of their routes, they keep exactly the entries that the
+    torch path's full ranking keeps."""
+    rng = np.random.default_rng(3)
+    models = [{"density": 0.5, "epsilon": 0.4, "weight": w} for w in (1.0, 0.5, -0.25)]
+    for cols in (3000, 1):  # rows of one entry keep it with probability density
+        base = torch.from_numpy(rng.standard_normal((8, cols)).astype(np.float32))
+        xs = [base + torch.from_numpy(_della_rows(rng, cols)) for _ in range(3)]
+        fast, slow = _on_both_paths(
+            lambda base=base, xs=xs: get_method("della")(
+                xs, base, models=models, generator=torch.Generator().manual_seed(4), rescale=rescale
+            )
+        )
+        if rescale == "l1":  # the factor's float64 sum runs in another order: its last bit may differ
+            torch.testing.assert_close(fast, slow, rtol=2.4e-7, atol=0)
+        else:
+            assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("name", "per_model"),
+    [
+        ("della", {"density": 0.5, "epsilon": 0.2}),
+        ("dare_ties", {"density": 0.4}),
+        ("ties", {"density": 0.3}),
+    ],
+)
+def test_norm_passes_give_the_same_bytes_on_any_number_of_threads(name, per_model, monkeypatch):
+    """The norm passes run in ranges on any threads; their partial sums are added in range
+    order, so a norm rescale gives the same bytes on 1 core as on 3."""
+    from modelfuse.merge.methods import _kernels
+
+    monkeypatch.setattr(_kernels, "NORM_RANGE", 1)  # the least: ranges of 8 blocks
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(300, 1000, generator=g)
+    xs = [base + torch.randn(300, 1000, generator=g) * 0.01 for _ in range(3)]
+    outs = []
+    for cores in (1, 3):
+        monkeypatch.setattr(_kernels, "cores", lambda cores=cores: cores)
+        outs.append(
+            get_method(name)(
+                xs, base, models=[per_model] * 3, generator=torch.Generator().manual_seed(2), rescale="l1"
+            )
+        )
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # linear and task arithmetic (the weighted sums the sparsifying methods build on)
 # ---------------------------------------------------------------------------------------------

@@ -98,15 +98,25 @@ static inline float uniform(uint64_t seed, int64_t j) {
 /* Per-block work memory: `blk` entries (a block holds whole rows for ranked drops). */
 typedef struct {
     int64_t blk;
-    float *mag, *p;
+    float *mag, *p, *u, *ptab;
+    uint16_t *bucket;
+    uint8_t *high;
+    int64_t ptab_n; /* ptab[r] = DELLA's p of rank r in rows of ptab_n entries, for ptab_low, ptab_span */
+    float ptab_low, ptab_span;
     uint32_t *bits;
+    uint8_t *keep;
     uint64_t *pairs1, *pairs2;
 } scratch_t;
 
 static void scratch_free(scratch_t *w) {
     free(w->mag);
     free(w->p);
+    free(w->u);
+    free(w->ptab);
+    free(w->bucket);
+    free(w->high);
     free(w->bits);
+    free(w->keep);
     free(w->pairs1);
     free(w->pairs2);
 }
@@ -116,32 +126,40 @@ static int scratch_alloc(scratch_t *w, int64_t blk) {
     w->blk = blk;
     w->mag = malloc(n * sizeof(float));
     w->p = malloc(n * sizeof(float));
+    w->u = malloc(n * sizeof(float));
+    w->ptab = malloc(n * sizeof(float));
+    w->bucket = malloc(n * sizeof(uint16_t));
+    w->high = malloc(n);
+    w->ptab_n = -1;
     w->bits = malloc(n * sizeof(uint32_t));
+    w->keep = malloc(n);
     w->pairs1 = malloc(n * sizeof(uint64_t));
     w->pairs2 = malloc(n * sizeof(uint64_t));
-    if (!w->mag || !w->p || !w->bits || !w->pairs1 || !w->pairs2) {
+    if (!w->mag || !w->p || !w->u || !w->ptab || !w->bucket || !w->high || !w->bits || !w->keep || !w->pairs1 || !w->pairs2) {
         scratch_free(w);
         return -1;
     }
     return 0;
 }
 
-/* DELLA's keep probabilities of one row of n magnitudes (their float32 bit patterns):
- * p = ((float)r / (float)(n - 1)) * span + low, r the rank in a stable ascending sort
- * (an LSD radix sort of (key << 32 | position) on the key's bytes, the four histograms
- * counted in one pass, bytes that all keys share skipped); p = one for n = 1. */
-static void row_probabilities(const uint32_t *keys, int64_t n, float low, float span, float one, float *p,
-                              scratch_t *w) {
-    if (n <= 1) {
-        if (n == 1) p[0] = one;
-        return;
+/* Sorts n (key << 32 | position) pairs ascending, from `from` (scratch: `to`); returns the
+ * buffer that holds the result. Small sets: insertion sort; else an LSD radix sort on the
+ * key's bytes, the four histograms counted in one pass, bytes that all keys share skipped.
+ * The pairs are distinct, so the order is the stable order of the keys. */
+static uint64_t *sort_pairs(uint64_t *from, uint64_t *to, int64_t n) {
+    if (n <= 32) {
+        for (int64_t i = 1; i < n; i++) {
+            const uint64_t v = from[i];
+            int64_t j = i;
+            for (; j > 0 && from[j - 1] > v; j--) from[j] = from[j - 1];
+            from[j] = v;
+        }
+        return from;
     }
-    uint64_t *from = w->pairs1, *to = w->pairs2;
     int64_t count[4][256];
     memset(count, 0, sizeof count);
     for (int64_t j = 0; j < n; j++) {
-        const uint32_t k = keys[j];
-        from[j] = ((uint64_t)k << 32) | (uint64_t)j;
+        const uint32_t k = (uint32_t)(from[j] >> 32);
         count[0][k & 255]++;
         count[1][(k >> 8) & 255]++;
         count[2][(k >> 16) & 255]++;
@@ -162,9 +180,169 @@ static void row_probabilities(const uint32_t *keys, int64_t n, float low, float 
         from = to;
         to = t;
     }
-    const float last = (float)(n - 1);
-    for (int64_t r = 0; r < n; r++) p[(uint32_t)from[r]] = ((float)r / last) * span + low;
+    return from;
 }
+
+/* DELLA's keep probabilities of one row of n magnitudes (their float32 bit patterns):
+ * p = ((float)r / (float)(n - 1)) * span + low, r the rank in a stable ascending sort;
+ * p = one for n = 1. */
+static void row_probabilities(const uint32_t *keys, int64_t n, float low, float span, float one, float *p,
+                              scratch_t *w) {
+    if (n <= 1) {
+        if (n == 1) p[0] = one;
+        return;
+    }
+    for (int64_t j = 0; j < n; j++) w->pairs1[j] = ((uint64_t)keys[j] << 32) | (uint64_t)j;
+    const uint64_t *sorted = sort_pairs(w->pairs1, w->pairs2, n);
+    const float last = (float)(n - 1);
+    for (int64_t r = 0; r < n; r++) p[(uint32_t)sorted[r]] = ((float)r / last) * span + low;
+}
+
+/* keep[j] = u[j] < ptab[r_j], r_j the stable rank of keys[j] among the n keys. */
+static void keep_by_rank(const uint32_t *keys, int64_t n, const float *u, const float *ptab, uint8_t *keep,
+                         scratch_t *w) {
+    for (int64_t j = 0; j < n; j++) w->pairs1[j] = ((uint64_t)keys[j] << 32) | (uint64_t)j;
+    const uint64_t *sorted = sort_pairs(w->pairs1, w->pairs2, n);
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t j = (uint32_t)sorted[r];
+        keep[j] = u[j] < ptab[r];
+    }
+}
+
+#define RANK_BUCKETS 4096
+#define RANK_FILL 4
+#define RANK_COUNT_MAX 16
+
+/* DELLA's keep decisions for one row of n magnitudes (their float32 bit patterns) whose
+ * first entry is position `a` of the tensor: keep[j] = uniform(seed, a + j) < p_j with p_j
+ * as in row_probabilities, without ranking every entry. Since p(r) is non-decreasing in
+ * the rank r, most decisions follow from the ranks an entry's bucket spans: the keys are
+ * counted into buckets ordered like the keys (zero, then equal widths of key from the
+ * least non-zero key up; about RANK_FILL entries per bucket), so an entry of bucket b has
+ * a rank in [start_b, start_b + count_b - 1]; u < p(start_b) keeps it, u >= p(start_b +
+ * count_b - 1) drops it. The members of the buckets where an entry is left open (u in
+ * between: a small share when buckets are small) are sorted (sort_pairs) and decided by
+ * their exact ranks. The decisions equal those of the full ranking. */
+static void row_keep(const uint32_t *keys, int64_t n, float low, float span, float one, uint64_t seed, int64_t a,
+                     uint8_t *keep, scratch_t *w) {
+    float *u = w->u;
+    for (int64_t j = 0; j < n; j++) u[j] = uniform(seed, a + j);
+    if (n <= 1) {
+        if (n == 1) keep[0] = u[0] < one;
+        return;
+    }
+    float *ptab = w->ptab; /* p of each rank, made once for all rows alike */
+    if (w->ptab_n != n || bits_of(w->ptab_low) != bits_of(low) || bits_of(w->ptab_span) != bits_of(span)) {
+        const float last = (float)(n - 1);
+        for (int64_t r = 0; r < n; r++) ptab[r] = ((float)r / last) * span + low;
+        w->ptab_n = n;
+        w->ptab_low = low;
+        w->ptab_span = span;
+    }
+    uint32_t least = UINT32_MAX, most = 0; /* least non-zero key (keys - 1 wraps zero to the top), largest */
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t k = keys[j], k1 = k - 1u;
+        least = k1 < least ? k1 : least;
+        most = k > most ? k : most;
+    }
+    least += 1u;
+    if (most == 0) { /* all zero: ranks are positions */
+        for (int64_t j = 0; j < n; j++) keep[j] = u[j] < ptab[j];
+        return;
+    }
+    const int64_t limit = n / RANK_FILL < RANK_BUCKETS ? n / RANK_FILL + 2 : RANK_BUCKETS;
+    int shift = 0;
+    while ((int64_t)((most - least) >> shift) >= limit - 1) shift++;
+    const int64_t buckets = (int64_t)((most - least) >> shift) + 2;
+    uint16_t *bk = w->bucket;
+    for (int64_t j = 0; j < n; j++) {
+        const uint32_t k = keys[j];
+        bk[j] = k == 0 ? 0 : (uint16_t)(1u + ((k - least) >> shift));
+    }
+    int32_t count[RANK_BUCKETS], start[RANK_BUCKETS];
+    float lo[RANK_BUCKETS], hi[RANK_BUCKETS];
+    uint8_t open[RANK_BUCKETS];
+    memset(count, 0, sizeof(int32_t) * (size_t)buckets);
+    for (int64_t j = 0; j < n; j++) count[bk[j]]++;
+    int32_t next = 0, crowded = 0;
+    for (int64_t b = 0; b < buckets; b++) {
+        const int32_t c = count[b];
+        crowded = c > crowded ? c : crowded;
+        start[b] = next;
+        lo[b] = ptab[next];
+        hi[b] = ptab[next + c - (c > 0)];
+        next += c;
+    }
+    uint64_t *members = w->pairs1;
+    if (2 * (int64_t)crowded > n) { /* most keys in one bucket: rank them all */
+        keep_by_rank(keys, n, u, ptab, keep, w);
+        return;
+    }
+    /* keep where u < p(first rank of the bucket); open where p(first) <= u < p(last) */
+    uint8_t *high = w->high;
+    for (int64_t j = 0; j < n; j++) keep[j] = u[j] < lo[bk[j]];
+    for (int64_t j = 0; j < n; j++) high[j] = u[j] < hi[bk[j]];
+    int32_t *left = (int32_t *)w->pairs2; /* the open entries */
+    int64_t n_left = 0;
+    for (int64_t j = 0; j < n; j += 8) { /* open entries are few: skip 8 settled ones at a time */
+        uint64_t a8 = 0, b8 = 0;
+        const int64_t e = n - j < 8 ? n - j : 8;
+        memcpy(&a8, keep + j, (size_t)e);
+        memcpy(&b8, high + j, (size_t)e);
+        if (a8 == b8) continue;
+        for (int64_t q = j; q < j + e; q++) {
+            left[n_left] = (int32_t)q;
+            n_left += keep[q] != high[q];
+        }
+    }
+    if (n_left == 0) return;
+    if (n_left <= RANK_COUNT_MAX) { /* rank each: the smaller keys, and the equal ones before it */
+        for (int64_t q = 0; q < n_left; q++) {
+            const int64_t j = left[q];
+            const uint32_t k = keys[j];
+            int32_t r = 0;
+            for (int64_t i = 0; i < n; i++) r += keys[i] < k;
+            for (int64_t i = 0; i < j; i++) r += keys[i] == k;
+            keep[j] = u[j] < ptab[r];
+        }
+        return;
+    }
+    memset(open, 0, (size_t)buckets); /* else sort the members of the open entries' buckets */
+    int64_t m = 0;
+    for (int64_t q = 0; q < n_left; q++) {
+        const int64_t b = bk[left[q]];
+        m += open[b] ? 0 : count[b];
+        open[b] = 1;
+    }
+    if (2 * m > n) { /* most of the row: rank it all */
+        keep_by_rank(keys, n, u, ptab, keep, w);
+        return;
+    }
+    m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        members[m] = ((uint64_t)keys[j] << 32) | (uint64_t)j;
+        m += open[bk[j]];
+    }
+    const uint64_t *sorted = sort_pairs(members, w->pairs2, m);
+    int64_t first = 0, current = -1; /* bucket after bucket */
+    for (int64_t q = 0; q < m; q++) {
+        const int64_t j = (uint32_t)sorted[q], b = bk[j];
+        if (b != current) {
+            current = b;
+            first = q;
+        }
+        keep[j] = u[j] < ptab[start[b] + (q - first)];
+    }
+}
+
+/* spread_bits[b][k] = bit k of b: a mask byte as 8 keep bytes */
+#define MF_SPREAD(b)                                                                               \
+    {(b) & 1, ((b) >> 1) & 1, ((b) >> 2) & 1, ((b) >> 3) & 1, ((b) >> 4) & 1, ((b) >> 5) & 1, ((b) >> 6) & 1, \
+     ((b) >> 7) & 1}
+#define MF_SPREAD4(b) MF_SPREAD(b), MF_SPREAD((b) + 1), MF_SPREAD((b) + 2), MF_SPREAD((b) + 3)
+#define MF_SPREAD16(b) MF_SPREAD4(b), MF_SPREAD4((b) + 4), MF_SPREAD4((b) + 8), MF_SPREAD4((b) + 12)
+#define MF_SPREAD64(b) MF_SPREAD16(b), MF_SPREAD16((b) + 16), MF_SPREAD16((b) + 32), MF_SPREAD16((b) + 48)
+static const uint8_t spread_bits[256][8] = {MF_SPREAD64(0), MF_SPREAD64(64), MF_SPREAD64(128), MF_SPREAD64(192)};
 
 /* One model's kept task vector on [a, a + m) into t (tau * 1 where kept, tau * 0 where
  * not: the torch path's products), before any rescale; for KEEP_RANK the keep
@@ -203,20 +381,25 @@ static inline void keep_block(const float *x, const float *base, float *t, const
         const uint64_t seed = (uint64_t)rule[R_SEED];
         for (int64_t j = 0; j < m; j++) mag[j] = fabsf(t[j]);
         memcpy(bits, mag, (size_t)m * sizeof(float));
-        for (int64_t r = 0; r < m; r += row)
-            row_probabilities(bits + r, row, sc[S_LOW], sc[S_SPAN], sc[S_P], w->p + r, w);
-        const float *p = w->p;
-        for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p[j] ? 1.0f : 0.0f);
-    } else if (mode == KEEP_MASK) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
-        float *keep = w->p;
-        int64_t j = 0;
-        for (; j < m && ((a + j) & 7); j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1 ? 1.0f : 0.0f;
-        for (; j + 8 <= m; j += 8) {
-            const uint8_t byte = mask[(a + j) >> 3];
-            for (int k = 0; k < 8; k++) keep[j + k] = (byte >> k) & 1 ? 1.0f : 0.0f;
+        if (rule[R_RESCALE] == RESCALE_DIVIDE) { /* the probabilities themselves are needed */
+            for (int64_t r = 0; r < m; r += row)
+                row_probabilities(bits + r, row, sc[S_LOW], sc[S_SPAN], sc[S_P], w->p + r, w);
+            const float *p = w->p;
+            for (int64_t j = 0; j < m; j++) t[j] = t[j] * (uniform(seed, a + j) < p[j] ? 1.0f : 0.0f);
+        } else { /* only the decisions */
+            for (int64_t r = 0; r < m; r += row)
+                row_keep(bits + r, row, sc[S_LOW], sc[S_SPAN], sc[S_P], seed, a + r, w->keep + r, w);
+            const uint8_t *keep = w->keep;
+            for (int64_t j = 0; j < m; j++) t[j] = t[j] * (keep[j] ? 1.0f : 0.0f);
         }
-        for (; j < m; j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1 ? 1.0f : 0.0f;
-        for (j = 0; j < m; j++) t[j] = t[j] * keep[j];
+    } else if (mode == KEEP_MASK) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
+        uint8_t *keep = w->keep;
+        int64_t j = 0;
+        for (; j < m && ((a + j) & 7); j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1;
+        const uint8_t *bytes = mask + ((a + j) >> 3);
+        for (; j + 8 <= m; j += 8) memcpy(keep + j, spread_bits[*bytes++], 8);
+        for (; j < m; j++) keep[j] = (mask[(a + j) >> 3] >> ((a + j) & 7)) & 1;
+        for (j = 0; j < m; j++) t[j] = t[j] * (keep[j] ? 1.0f : 0.0f);
     }
 }
 
@@ -249,15 +432,22 @@ static inline void set_bit(uint8_t *mask, int64_t at, int on) {
     mask[at >> 3] = on ? (uint8_t)(mask[at >> 3] | bit) : (uint8_t)(mask[at >> 3] & ~bit);
 }
 
-/* The norms of one model's task vector and of its kept part (float64; sums in 8 lanes,
- * lane k over the positions j = k mod 8, then the lanes in order; kind 1: L1, 2: L2
- * squared, 3: max), into norms[0] and norms[1]. With `mask_out`, the keep decisions are
- * stored there, one bit per entry (position j: bit j % 8 of byte j / 8), for the merge pass. `blk`: entries per block (whole
- * rows for KEEP_RANK). Returns 0, or -1 when memory ran out. */
+/* The norms of one model's task vector and of its kept part on the entries [start, stop)
+ * as float64 partial sums in 8 lanes (kind 1: L1, 2: L2 squared, 3: max): lanes[k] and
+ * lanes[8 + k] (the whole and the kept part) gather, block after block of `blk` entries,
+ * the block's entries j with j % 8 == k, and the tail past its last multiple of 8 from
+ * lane 0 on. The caller adds the lanes of consecutive ranges in order, then the lanes
+ * (_kernels.keep_norms), so that the result does not depend on how the ranges are spread
+ * over threads. With `mask_out`, the keep decisions are stored there, one bit per entry
+ * (position j: bit j % 8 of byte j / 8), for the merge pass. `blk`: entries per block
+ * (whole rows for KEEP_RANK); start must be a multiple of blk (and of 8 with mask_out).
+ * Returns 0, -1 for a bad range or when memory ran out. */
 MF_CLONES
 int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *rule, const float *sc,
-                  const int64_t *kept, int kind, int64_t blk, uint8_t *mask_out, double *norms) {
-    if (blk <= 0) return -1;
+                  const int64_t *kept, int kind, int64_t blk, uint8_t *mask_out, int64_t start, int64_t stop,
+                  double *lanes) {
+    if (blk <= 0 || start % blk != 0 || (mask_out != NULL && start % 8 != 0)) return -1;
+    if (stop > n) stop = n;
     scratch_t w;
     float *t = malloc(sizeof(float) * (size_t)blk);
     if (t == NULL || scratch_alloc(&w, blk) != 0) {
@@ -265,19 +455,16 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
         return -1;
     }
     double before[8] = {0}, after[8] = {0};
-    int64_t cursor = rule[R_KEPT0];
+    int64_t cursor = rule[R_KEPT0]; /* the first kept position at or after start */
+    while (cursor < rule[R_KEPT1] && kept[cursor] < start) cursor++;
     float *mag = w.mag;
-    for (int64_t a = 0; a < n; a += blk) {
-        int64_t m = n - a < blk ? n - a : blk;
+    for (int64_t a = start; a < stop; a += blk) {
+        int64_t m = stop - a < blk ? stop - a : blk;
         keep_block(x, base, t, rule, sc, kept, &cursor, NULL, a, m, &w);
         const float *xa = x + a, *ba = base + a;
         if (mask_out != NULL) { /* one bit per entry, position j at bit j % 8 of byte j / 8 */
-            const float *p = w.p;
-            const uint64_t seed = (uint64_t)rule[R_SEED];
-            uint8_t *kb = (uint8_t *)w.bits; /* m bytes of keep decisions, then packed */
-            if (rule[R_MODE] == KEEP_RANK)
-                for (int64_t j = 0; j < m; j++) kb[j] = uniform(seed, a + j) < p[j];
-            else
+            uint8_t *kb = w.keep; /* m bytes of keep decisions (KEEP_RANK: made above), then packed */
+            if (rule[R_MODE] != KEEP_RANK || rule[R_RESCALE] == RESCALE_DIVIDE)
                 for (int64_t j = 0; j < m; j++) kb[j] = t[j] != 0.0f || xa[j] - ba[j] == 0.0f;
             int64_t j = 0;
             for (; j < m && ((a + j) & 7); j++) set_bit(mask_out, a + j, kb[j]);
@@ -324,16 +511,8 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
             }
         }
     }
-    norms[0] = norms[1] = 0.0;
-    for (int k = 0; k < 8; k++) {
-        if (kind == 3) {
-            norms[0] = before[k] > norms[0] ? before[k] : norms[0];
-            norms[1] = after[k] > norms[1] ? after[k] : norms[1];
-        } else {
-            norms[0] += before[k];
-            norms[1] += after[k];
-        }
-    }
+    memcpy(lanes, before, sizeof before);
+    memcpy(lanes + 8, after, sizeof after);
     free(t);
     scratch_free(&w);
     return 0;

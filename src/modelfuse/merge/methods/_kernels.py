@@ -7,7 +7,8 @@ multiply, sum, sign, ...), about twenty per model and block. These kernels (C, i
 the same IEEE float32 operations in the same order per entry inside one loop over
 cache-sized blocks, so they give the same bytes as the torch path (the tests compare both)
 at a fraction of the memory traffic. Used for float32 tensors on CPU when the extension was
-built; everything else (other dtypes, GPUs, random drops, norm rescales) runs the torch path.
+built; everything else (other dtypes, GPUs, the sort tie order, the unweighted vote) runs
+the torch path.
 
 Kernels:
 
@@ -15,8 +16,14 @@ Kernels:
   uint16 store, and their histogram: the first level of the radix select.
 - ``bucket_entries``: the entries whose high bits are one bucket, as (bits, position),
   in position order: the second level, and the positions that resolve ties.
+- ``NormPass`` / ``keep_norms``: a norm rescale's two norms (the task vector's and its kept
+  part's), in ranges spread over the cores; for DELLA also its keep decisions as bits.
+  DELLA's decisions mostly follow from coarse buckets of the magnitudes; only the few
+  entries whose bucket straddles their draw are ranked exactly (``row_keep`` in the C file).
 - ``cut_merge``: the merge of ``merge_block`` with each model's task vector cut by
-  magnitude bounds and kept positions.
+  magnitude bounds and kept positions, drawn, ranked or masked.
+- ``weighted_sum``, ``blend``, ``dots``, ``stock_blend``: linear, task arithmetic, SLERP and
+  Model Stock.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -43,6 +51,10 @@ KEEP_ALL, KEEP_CUT, KEEP_RANDOM, KEEP_RANK, KEEP_MASK = 0, 1, 3, 4, 5
 KBLOCK = 2048
 RESCALE_NONE, RESCALE_DIVIDE, RESCALE_FACTOR = 0, 1, 2
 NORM_KIND = {"l1": 1, "l2": 2, "linf": 3}
+#: entries per range of a norm pass (rounded to whole blocks of 8 blocks): ranges run on
+#: several threads, and their sums are added in range order, so the size is fixed here,
+#: not by the number of cores
+NORM_RANGE = 1 << 20
 _SPEC = importlib.util.find_spec("modelfuse.merge.methods._ckernels")
 _ENABLED = _SPEC is not None and os.environ.get("MODELFUSE_KERNELS", "1") != "0"
 _library: ctypes.CDLL | None = None
@@ -60,7 +72,7 @@ _SIGNATURES = {
     ),
     "mf_stock_blend": (None, [_P, _I64, _P, _P, ctypes.c_float, ctypes.c_float, _I64, _I64]),
     "mf_blend": (None, [_P, _P, _P, ctypes.c_double, ctypes.c_double, _I64, _I64]),
-    "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _P]),
+    "mf_keep_norms": (ctypes.c_int, [_P, _P, _I64, _P, _P, _P, ctypes.c_int, _I64, _P, _I64, _I64, _P]),
     "mf_cut_merge": (
         ctypes.c_int,
         [_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, *[ctypes.c_int] * 3, *[ctypes.c_float] * 2, *[_I64] * 3],
@@ -188,48 +200,95 @@ def block_size(row: int = 1) -> int:
     return row * max(1, KBLOCK // row)
 
 
-def keep_norms(
-    x: np.ndarray,
-    base: np.ndarray,
-    rule: np.ndarray,
-    scale: np.ndarray,
-    kept: np.ndarray,
-    kind: str,
-    mask: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """(norm of tau, norm of its kept part) for one model's ``rule`` and ``scale`` rows (see
-    ``cut_merge``; ``kept``: its positions alone): ``kind`` "l1", "l2" (the norm, not its
-    square) or "linf"; float64 sums. ``mask`` (uint8, (n + 7) // 8 bytes): filled with the
-    keep decisions, one bit per entry (position j: bit j % 8 of byte j // 8), for a
-    KEEP_MASK merge that follows."""
-    for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (rule, np.int64, "rule")):
-        _check(a, dtype, name)
-    _check(scale, np.float32, "scale")
-    _check(kept, np.int64, "kept")
-    if mask is not None:
-        _check(mask, np.uint8, "mask")
-        if mask.size != mask_bytes(base.size):
-            raise ValueError(f"mask has {mask.size} bytes, the tensor's bits need {mask_bytes(base.size)}")
-    rule = rule.copy()
-    rule[R_KEPT0], rule[R_KEPT1] = 0, kept.size  # ``kept``: this model's positions only
-    norms = np.zeros(2, np.float64)
-    status = _lib().mf_keep_norms(
-        _ptr(x),
-        _ptr(base),
-        base.size,
-        _ptr(rule),
-        _ptr(scale),
-        _ptr(kept),
-        NORM_KIND[kind],
-        block_size(int(rule[R_ROW])),
-        None if mask is None else _ptr(mask),
-        _ptr(norms),
-    )
-    if status != 0:
-        raise MemoryError("keep_norms: out of memory for its block buffers")
-    if kind == "l2":
-        norms = np.sqrt(norms)
-    return float(norms[0]), float(norms[1])
+class NormPass:
+    """One model's norm pass: (norm of tau, norm of its kept part) for its ``rule`` and
+    ``scale`` rows (see ``cut_merge``; ``kept``: its positions alone). ``kind``: "l1", "l2"
+    (the norm, not its square) or "linf"; float64 sums. ``mask`` (uint8, (n + 7) // 8
+    bytes): filled with the keep decisions, one bit per entry (position j: bit j % 8 of byte
+    j // 8), for a KEEP_MASK merge that follows.
+
+    ``jobs()`` cover ranges of about ``NORM_RANGE`` entries (to run on any threads, in any
+    order); ``result`` adds their partial sums in range order, so the norms are the same
+    bytes however the jobs ran."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        base: np.ndarray,
+        rule: np.ndarray,
+        scale: np.ndarray,
+        kept: np.ndarray,
+        kind: str,
+        mask: np.ndarray | None = None,
+    ):
+        for a, dtype, name in ((x, np.float32, "x"), (base, np.float32, "base"), (rule, np.int64, "rule")):
+            _check(a, dtype, name)
+        _check(scale, np.float32, "scale")
+        _check(kept, np.int64, "kept")
+        if x.size != base.size:
+            raise ValueError(f"sizes: x {x.size}, base {base.size}")
+        if mask is not None:
+            _check(mask, np.uint8, "mask")
+            if mask.size != mask_bytes(base.size):
+                raise ValueError(
+                    f"mask has {mask.size} bytes, the tensor's bits need {mask_bytes(base.size)}"
+                )
+        self.rule = rule.copy()
+        self.rule[R_KEPT0], self.rule[R_KEPT1] = 0, kept.size  # ``kept``: this model's positions only
+        self.arrays = (x, base, scale, kept, mask)
+        self.kind = kind
+        self.block = block_size(int(self.rule[R_ROW]))
+        step = 8 * self.block * max(1, NORM_RANGE // (8 * self.block))
+        self.ranges = [(a, min(a + step, base.size)) for a in range(0, base.size, step)] or [(0, 0)]
+
+    def jobs(self) -> list[Callable[[], np.ndarray]]:
+        """The ranges' kernel calls (made on demand: stored, they would make a reference
+        cycle that keeps the input arrays, often mapped files, until a garbage collection)."""
+        return [partial(self._lanes, a, b) for a, b in self.ranges]
+
+    def _lanes(self, start: int, stop: int) -> np.ndarray:
+        x, base, scale, kept, mask = self.arrays
+        lanes = np.zeros(16, np.float64)
+        status = _lib().mf_keep_norms(
+            _ptr(x),
+            _ptr(base),
+            base.size,
+            _ptr(self.rule),
+            _ptr(scale),
+            _ptr(kept),
+            NORM_KIND[self.kind],
+            self.block,
+            None if mask is None else _ptr(mask),
+            start,
+            stop,
+            _ptr(lanes),
+        )
+        if status != 0:
+            raise MemoryError(f"keep_norms [{start}, {stop}): out of memory for its block buffers")
+        return lanes
+
+    def result(self, parts: Sequence[np.ndarray]) -> tuple[float, float]:
+        """The norms from the jobs' results (in ``jobs()`` order)."""
+        lanes = np.zeros(16, np.float64)
+        for part in parts:  # range after range, lane by lane (np.maximum for linf)
+            lanes = np.maximum(lanes, part) if self.kind == "linf" else lanes + part
+        before = after = 0.0
+        for k in range(8):  # then the lanes in order
+            if self.kind == "linf":
+                before, after = max(before, float(lanes[k])), max(after, float(lanes[8 + k]))
+            else:
+                before += float(lanes[k])
+                after += float(lanes[8 + k])
+        if self.kind == "l2":
+            return float(np.sqrt(before)), float(np.sqrt(after))
+        return before, after
+
+
+def keep_norms(passes: Sequence[NormPass]) -> list[tuple[float, float]]:
+    """Run norm passes together, their ranges spread over the cores; their norms in order."""
+    jobs = [job for one in passes for job in one.jobs()]
+    results = iter(parallel(jobs))
+    return [one.result([next(results) for _ in one.ranges]) for one in passes]
 
 
 def cut_merge(

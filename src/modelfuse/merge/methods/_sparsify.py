@@ -36,7 +36,6 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -859,7 +858,7 @@ def _kernel_merge(
     scale[:, _kernels.S_WEIGHT] = weight
     kept: list[np.ndarray] = []
     masks: list[np.ndarray | None] = [None] * n_models
-    norm_jobs: list[tuple[int, Callable[[], tuple[float, float]]]] = []
+    norm_passes: list[tuple[int, _kernels.NormPass]] = []
     count = 0
     high = None
     for i, part in enumerate(parts):
@@ -896,23 +895,17 @@ def _kernel_merge(
             if isinstance(part, RankKeep):  # ranks once: the norm pass keeps its decisions (1 bit each)
                 mask = new_empty((_kernels.mask_bytes(b.size),), torch.uint8).numpy()
                 masks[i] = mask
-            norm_jobs.append(
+            norm_passes.append(
                 (
                     i,
-                    partial(
-                        _kernels.keep_norms,
-                        x_arrays[i],
-                        b,
-                        rule.copy(),
-                        scale[i].copy(),
-                        positions,
-                        part.rescale,
-                        mask,
+                    _kernels.NormPass(
+                        x_arrays[i], b, rule.copy(), scale[i].copy(), positions, part.rescale, mask
                     ),
                 )
             )
-    # the models' norm passes are independent: one per core
-    for (i, _), (before, after) in zip(norm_jobs, _kernels.parallel([job for _, job in norm_jobs])):
+    # the models' norm passes are independent: their ranges spread over the cores
+    norms = _kernels.keep_norms([one for _, one in norm_passes])
+    for (i, _), (before, after) in zip(norm_passes, norms):
         if masks[i] is not None:
             rules[i, _kernels.R_MODE] = _kernels.KEEP_MASK
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
