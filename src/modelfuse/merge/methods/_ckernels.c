@@ -30,7 +30,11 @@
 #define MF_CLONES
 #endif
 
-static inline uint32_t bits_of(float f) {
+/* Helpers are inlined into the exported functions, so that each of their target clones
+ * compiles them for its instruction set (a helper left out of line gets the baseline one). */
+#define MF_INLINE static inline __attribute__((always_inline))
+
+MF_INLINE uint32_t bits_of(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
@@ -87,7 +91,7 @@ enum { RESCALE_NONE = 0, RESCALE_DIVIDE = 1, RESCALE_FACTOR = 2 };
 
 /* Output j of SplitMix64 seeded `seed`, top 24 bits on the float32 grid of [0, 1)
  * (_sparsify.uniforms). */
-static inline float uniform(uint64_t seed, int64_t j) {
+MF_INLINE float uniform(uint64_t seed, int64_t j) {
     uint64_t z = seed + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -146,7 +150,7 @@ static int scratch_alloc(scratch_t *w, int64_t blk) {
  * buffer that holds the result. Small sets: insertion sort; else an LSD radix sort on the
  * key's bytes, the four histograms counted in one pass, bytes that all keys share skipped.
  * The pairs are distinct, so the order is the stable order of the keys. */
-static uint64_t *sort_pairs(uint64_t *from, uint64_t *to, int64_t n) {
+MF_INLINE uint64_t *sort_pairs(uint64_t *from, uint64_t *to, int64_t n) {
     if (n <= 32) {
         for (int64_t i = 1; i < n; i++) {
             const uint64_t v = from[i];
@@ -186,7 +190,7 @@ static uint64_t *sort_pairs(uint64_t *from, uint64_t *to, int64_t n) {
 /* DELLA's keep probabilities of one row of n magnitudes (their float32 bit patterns):
  * p = ((float)r / (float)(n - 1)) * span + low, r the rank in a stable ascending sort;
  * p = one for n = 1. */
-static void row_probabilities(const uint32_t *keys, int64_t n, float low, float span, float one, float *p,
+MF_INLINE void row_probabilities(const uint32_t *keys, int64_t n, float low, float span, float one, float *p,
                               scratch_t *w) {
     if (n <= 1) {
         if (n == 1) p[0] = one;
@@ -199,7 +203,7 @@ static void row_probabilities(const uint32_t *keys, int64_t n, float low, float 
 }
 
 /* keep[j] = u[j] < ptab[r_j], r_j the stable rank of keys[j] among the n keys. */
-static void keep_by_rank(const uint32_t *keys, int64_t n, const float *u, const float *ptab, uint8_t *keep,
+MF_INLINE void keep_by_rank(const uint32_t *keys, int64_t n, const float *u, const float *ptab, uint8_t *keep,
                          scratch_t *w) {
     for (int64_t j = 0; j < n; j++) w->pairs1[j] = ((uint64_t)keys[j] << 32) | (uint64_t)j;
     const uint64_t *sorted = sort_pairs(w->pairs1, w->pairs2, n);
@@ -223,7 +227,7 @@ static void keep_by_rank(const uint32_t *keys, int64_t n, const float *u, const 
  * count_b - 1) drops it. The members of the buckets where an entry is left open (u in
  * between: a small share when buckets are small) are sorted (sort_pairs) and decided by
  * their exact ranks. The decisions equal those of the full ranking. */
-static void row_keep(const uint32_t *keys, int64_t n, float low, float span, float one, uint64_t seed, int64_t a,
+MF_INLINE void row_keep(const uint32_t *keys, int64_t n, float low, float span, float one, uint64_t seed, int64_t a,
                      uint8_t *keep, scratch_t *w) {
     float *u = w->u;
     for (int64_t j = 0; j < n; j++) u[j] = uniform(seed, a + j);
@@ -347,7 +351,7 @@ static const uint8_t spread_bits[256][8] = {MF_SPREAD64(0), MF_SPREAD64(64), MF_
 /* One model's kept task vector on [a, a + m) into t (tau * 1 where kept, tau * 0 where
  * not: the torch path's products), before any rescale; for KEEP_RANK the keep
  * probabilities are left in w->p. */
-static inline void keep_block(const float *x, const float *base, float *t, const int64_t *rule, const float *sc,
+MF_INLINE void keep_block(const float *x, const float *base, float *t, const int64_t *rule, const float *sc,
                               const int64_t *kept, int64_t *cursor, const uint8_t *mask, int64_t a, int64_t m,
                               scratch_t *w) {
     const float *xa = x + a, *ba = base + a;
@@ -404,7 +408,7 @@ static inline void keep_block(const float *x, const float *base, float *t, const
 }
 
 /* u[i] = w_i * rescaled kept tau_i on [a, a + m). */
-static inline void cut_block(const float *const *xs, int64_t n_models, const float *base, float *u,
+MF_INLINE void cut_block(const float *const *xs, int64_t n_models, const float *base, float *u,
                              const int64_t *rules, const float *scale, const int64_t *kept, int64_t *cursor,
                              const uint8_t *const *masks, int64_t a, int64_t m, scratch_t *w) {
     for (int64_t i = 0; i < n_models; i++) {
@@ -427,7 +431,7 @@ static inline void cut_block(const float *const *xs, int64_t n_models, const flo
     }
 }
 
-static inline void set_bit(uint8_t *mask, int64_t at, int on) {
+MF_INLINE void set_bit(uint8_t *mask, int64_t at, int on) {
     const uint8_t bit = (uint8_t)(1u << (at & 7));
     mask[at >> 3] = on ? (uint8_t)(mask[at >> 3] | bit) : (uint8_t)(mask[at >> 3] & ~bit);
 }
@@ -519,7 +523,7 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
 }
 
 /* merge_block of _sparsify.py on [a, a + m): sum, elected sign, agreeing sum and divisor. */
-static inline void merge_block(const float *u, int64_t blk, int64_t n_models, const float *base, float *out, float *s, float *acc,
+MF_INLINE void merge_block(const float *u, int64_t blk, int64_t n_models, const float *base, float *out, float *s, float *acc,
                                float *div, const float *w, int64_t a, int64_t m, int elect, int normalize,
                                int positive, float total, float lam) {
     for (int64_t j = 0; j < m; j++) s[j] = u[j];
