@@ -283,20 +283,22 @@ MF_INLINE void row_keep(const uint32_t *keys, int64_t n, float low, float span, 
         return;
     }
     /* keep where u < p(first rank of the bucket); open where p(first) <= u < p(last) */
-    uint8_t *high = w->high;
-    for (int64_t j = 0; j < n; j++) keep[j] = u[j] < lo[bk[j]];
-    for (int64_t j = 0; j < n; j++) high[j] = u[j] < hi[bk[j]];
+    uint8_t *open_at = w->high;
+    for (int64_t j = 0; j < n; j++) {
+        const float x = u[j], l = lo[bk[j]], h = hi[bk[j]];
+        keep[j] = x < l;
+        open_at[j] = (x >= l) & (x < h);
+    }
     int32_t *left = (int32_t *)w->pairs2; /* the open entries */
     int64_t n_left = 0;
-    for (int64_t j = 0; j < n; j += 8) { /* open entries are few: skip 8 settled ones at a time */
-        uint64_t a8 = 0, b8 = 0;
-        const int64_t e = n - j < 8 ? n - j : 8;
-        memcpy(&a8, keep + j, (size_t)e);
-        memcpy(&b8, high + j, (size_t)e);
-        if (a8 == b8) continue;
+    for (int64_t j = 0; j < n; j += 64) { /* open entries are few: skip 64 settled ones at a time */
+        const int64_t e = n - j < 64 ? n - j : 64;
+        uint8_t any = 0;
+        for (int64_t q = 0; q < e; q++) any |= open_at[j + q];
+        if (!any) continue;
         for (int64_t q = j; q < j + e; q++) {
             left[n_left] = (int32_t)q;
-            n_left += keep[q] != high[q];
+            n_left += open_at[q];
         }
     }
     if (n_left == 0) return;
