@@ -350,6 +350,36 @@ def test_streaming_mode_any_order(tmp_path):
     assert list(open_checkpoint(target).keys()) == order
 
 
+def test_streamed_data_leaves_the_page_cache_behind_the_writer(tmp_path, monkeypatch):
+    """The streaming writer starts each tensor's write-back at once and drops its pages
+    from the page cache once ``lag`` more bytes were written (advisory calls: when they
+    fail, the bytes are written all the same)."""
+    from modelfuse.io import writer as writer_module
+
+    dropped = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        dropped.append((offset, length, advice))
+        raise OSError(22, "refused")  # advisory: a refusal changes nothing
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(writer_module._WriteBehind, "LAG", 3000)
+    ref = {f"t{i}": torch.full((250,), float(i)) for i in range(8)}  # 1000 bytes each
+    target = tmp_path / "streamed.safetensors"
+    with CheckpointWriter(target) as w:
+        w.declare({name: (tuple(t.shape), t.dtype) for name, t in ref.items()})
+        for name, t in ref.items():
+            w.add(name, t)
+    monkeypatch.setattr(os, "posix_fadvise", real)
+    n, header = raw_header(target)
+    # each range is dropped once 3000 more bytes were written after it: t0 .. t4 of t0 .. t7
+    starts = [8 + n + header[f"t{i}"]["data_offsets"][0] for i in range(5)]
+    assert dropped == [(start, 1000, os.POSIX_FADV_DONTNEED) for start in starts]
+    loaded = load_file(target)
+    assert all(torch.equal(loaded[k], v) for k, v in ref.items())
+
+
 def test_streaming_sharded_with_meta_layout_and_cast(tmp_path):
     ref = sample_state()
     layout = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in ref.items()}
