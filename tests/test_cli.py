@@ -59,6 +59,36 @@ def test_version():
     assert out.stdout.strip() == f"modelfuse {__version__}"
 
 
+def test_console_entry_flushes_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """The console entry point ends the process without the interpreter's C-level teardown:
+    piped output still arrives whole, Python exit handlers still run, and the command's
+    exit code is the process's."""
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+        "sys.argv = ['modelfuse', *sys.argv[1:]]; from modelfuse.cli import run; run()"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-c", code, "inspect", str(minilm_dir()), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    body, _, last = ok.stdout.rstrip("\n").rpartition("\n")
+    assert last == "exit handler ran"
+    assert json.loads(body)["num_tensors"] == 104  # the whole JSON document came through
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "merge", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "does not exist" in bad.stderr
+    assert bad.stdout == "exit handler ran\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "group"),
     [

@@ -1,5 +1,3 @@
-import sys
+from modelfuse.cli import run
 
-from modelfuse.cli import main
-
-sys.exit(main())
+run()

@@ -81,3 +81,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def run() -> None:
+    """The console entry point (``modelfuse``, ``python -m modelfuse``): :func:`main`, then
+    leave without the interpreter's teardown.
+
+    Once a command has finished (its outputs closed, synced and moved into place), the
+    process ends with the Python-level exit handlers run and the streams flushed, but
+    without the C-level teardown: torch's static destructors unregister every operator,
+    which took about 0.5 s on every run here (benchmarks/RESULTS.md). ``main`` itself,
+    which the tests and the Python API call, returns normally.
+    """
+    code = main()
+    import atexit
+    import contextlib
+    import os
+
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs at the Python level (logging, ...)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
