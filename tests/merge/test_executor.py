@@ -134,3 +134,55 @@ def test_file_merge_equals_the_in_memory_merge(tmp_path, family, monkeypatch, me
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error_and_writes_nothing(tmp_path, family):
+    """--device cuda where torch sees no GPU: an error that says so and what to use instead."""
+    from modelfuse.errors import ConfigError
+    from modelfuse.merge import merge
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the error is for machines without one")
+    paths, _ = family
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths[f"ft{i}"]), "parameters": {"density": 0.5}} for i in (1, 2)],
+    }
+    with pytest.raises(ConfigError, match=r"--device cuda.*no CUDA GPU.*--device cpu"):
+        merge(recipe, tmp_path / "out", device="cuda", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs where one is present)")
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("linear", {}),
+        ("ties", {"density": 0.4}),
+        ("dare_ties", {"density": 0.5}),
+        ("della", {"density": 0.5, "epsilon": 0.1}),
+    ],
+)
+def test_a_merge_on_the_gpu_gives_the_cpu_merge(tmp_path, family, method, params):
+    """--device cuda computes on the GPU: the same draws (counter-based), the same keeps;
+    values within float32 rounding of the CPU's (another summation order)."""
+    from safetensors.torch import load_file
+
+    from modelfuse.merge import merge
+
+    paths, _ = family
+    recipe = {
+        "merge_method": method,
+        "models": [
+            {"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0, **params}} for i in (1, 2, 3)
+        ],
+    }
+    if method != "linear":
+        recipe["base_model"] = str(paths["base"])
+    gpu = load_file(str(merge(recipe, tmp_path / "gpu", device="cuda", progress=False) / "model.safetensors"))
+    cpu = load_file(str(merge(recipe, tmp_path / "cpu", device="cpu", progress=False) / "model.safetensors"))
+    assert set(gpu) == set(cpu)
+    for name in cpu:
+        assert gpu[name].device.type == "cpu"
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)
