@@ -45,3 +45,7 @@ class RegistryError(FusionError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class EnsembleError(FusionError):
+    """Members of an ensemble do not fit together (their outputs differ in shape or kind)."""

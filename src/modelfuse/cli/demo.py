@@ -36,6 +36,7 @@ def pool_rows(members: int, epochs: int, seed: int, cache: bool = True) -> list[
     """(model, test accuracy, test NLL) for each member, the members' mean and their ensemble."""
     import torch
 
+    from modelfuse.ensemble import Ensemble, metrics
     from modelfuse.errors import ConfigError
     from modelfuse.zoo import build_pool, predict
 
@@ -49,15 +50,13 @@ def pool_rows(members: int, epochs: int, seed: int, cache: bool = True) -> list[
     labels = torch.stack([test[i][1] for i in range(len(test))])
 
     def scores(log_probs: torch.Tensor) -> tuple[float, float]:
-        acc = (log_probs.argmax(1) == labels).double().mean().item()
-        nll = torch.nn.functional.nll_loss(log_probs, labels).item()
-        return acc, nll
+        return metrics.accuracy(log_probs, labels), metrics.nll(log_probs, labels)
 
-    logits = [predict(m, test).double() for m in pool.members]
+    logits = torch.stack([predict(m, test).double() for m in pool.members])  # (K, N, classes)
     rows = [(f"member seed={s}", *scores(torch.log_softmax(z, dim=1))) for s, z in zip(seeds, logits)]
     rows.append(("members' mean", sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows)))
-    mean_probs = torch.stack([torch.softmax(z, dim=1) for z in logits]).mean(0)
-    rows.append(("ensemble: mean of probabilities", *scores(mean_probs.clamp_min(1e-300).log())))
+    ensemble = Ensemble(pool.members, "mean_prob")  # on the cached member predictions
+    rows.append(("ensemble: mean of probabilities", *scores(ensemble.combine_outputs(logits))))
     return rows
 
 

@@ -1,0 +1,119 @@
+"""``Ensemble``: one ``nn.Module`` over already-trained members and a combiner."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from modelfuse.ensemble.combiners import COMBINERS, Combiner, get_combiner
+from modelfuse.errors import ConfigError, EnsembleError
+
+
+def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> torch.Tensor:
+    """Member weights as a float64 tensor summing to one (equal when None); errors say what is wrong."""
+    if weights is None:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+    if w.numel() != count:
+        raise ConfigError(f"{w.numel()} weights for {count} members: give one weight per member")
+    if not torch.isfinite(w).all():
+        raise ConfigError(f"member weights must be finite numbers, found {w.tolist()}")
+    if (w < 0).any():
+        bad = [i for i, v in enumerate(w.tolist()) if v < 0]
+        raise ConfigError(f"member weights must be non-negative; member(s) {bad} have {w[bad].tolist()}")
+    if w.sum() <= 0:
+        raise ConfigError(f"member weights sum to {w.sum().item():g}; at least one must be positive")
+    return w / w.sum()
+
+
+class Ensemble(nn.Module):
+    """An ensemble of trained models (architectures may differ) as one module.
+
+    ``combine`` names a combiner (``COMBINERS``: mean_prob, mean_logits, geometric_mean,
+    vote, max_confidence for classification, whose members give logits and whose output is
+    log-probabilities; mean, median for regression). ``weights``: one non-negative weight
+    per member, normalised to sum to one (equal by default).
+
+    The members are frozen (no gradients) and always run in eval mode, also when the
+    ensemble is put in training mode: they are trained already, and their BatchNorm
+    statistics must not move.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        combine: str = "mean_prob",
+        weights: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ConfigError("an ensemble needs at least one member; the member list is empty")
+        for i, m in enumerate(members):
+            if not isinstance(m, nn.Module):
+                raise ConfigError(f"member {i} is a {type(m).__name__}, not a torch.nn.Module")
+        self.combiner: Combiner = get_combiner(combine)
+        if weights is not None and not self.combiner.weighted:
+            raise ConfigError(
+                f"the {combine!r} combiner does not use member weights; leave weights out or pick "
+                f"one of {', '.join(n for n in COMBINERS if get_combiner(n).weighted)}"
+            )
+        self.members = nn.ModuleList(members)
+        for m in self.members:
+            m.requires_grad_(False)
+            m.eval()
+        self.register_buffer("weights", check_weights(weights, len(members)))
+
+    @property
+    def combine(self) -> str:
+        return self.combiner.name
+
+    @property
+    def task(self) -> str:
+        return self.combiner.task
+
+    def train(self, mode: bool = True) -> Ensemble:
+        """Sets the ensemble's own mode; the members stay in eval mode."""
+        super().train(mode)
+        for m in self.members:
+            m.eval()
+        return self
+
+    def member_outputs(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """The members' outputs for one input batch, stacked: (K, N, ...)."""
+        outs = []
+        for i, m in enumerate(self.members):
+            out = m(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise EnsembleError(
+                    f"member {i} ({type(m).__name__}) returned a {type(out).__name__}, not a tensor; "
+                    "wrap it so that it returns its logits (or values) as one tensor"
+                )
+            if outs and out.shape != outs[0].shape:
+                raise EnsembleError(
+                    f"member {i} ({type(m).__name__}) gives outputs of shape {tuple(out.shape)}, member 0 "
+                    f"({type(self.members[0]).__name__}) {tuple(outs[0].shape)}: members must predict the "
+                    "same outputs (e.g. the same number of classes)"
+                )
+            outs.append(out)
+        return torch.stack(outs)
+
+    def combine_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The combiner applied to stacked member outputs (K, N, ...), e.g. cached predictions."""
+        if outputs.dim() < 2 or outputs.shape[0] != len(self.members):
+            raise EnsembleError(
+                f"expected the outputs of {len(self.members)} members stacked as (K, N, ...), "
+                f"found shape {tuple(outputs.shape)}"
+            )
+        if self.task == "classification" and outputs.dim() < 3:
+            raise EnsembleError(
+                f"the {self.combine!r} combiner needs class scores (K, N, classes), found shape {tuple(outputs.shape)}"
+            )
+        if not outputs.is_floating_point():
+            outputs = outputs.float()
+        return self.combiner.fn(outputs, self.weights.to(outputs.device))
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.combine_outputs(self.member_outputs(*args, **kwargs))
