@@ -3,17 +3,21 @@
 - ``Ensemble``: one module over trained members (architectures may differ) and a combiner.
 - ``COMBINERS`` / ``register_combiner``: mean of probabilities, mean of logits, geometric
   mean, hard vote, max confidence; mean and median for regression.
+- ``LearnedWeights``, ``GreedySelection``: combiners fitted on cached validation predictions.
 - ``metrics``: accuracy, NLL, Brier score, ECE and pairwise disagreement.
 """
 
 from modelfuse.ensemble import metrics
 from modelfuse.ensemble.combiners import COMBINERS, Combiner, get_combiner, register_combiner
+from modelfuse.ensemble.fitted import GreedySelection, LearnedWeights
 from modelfuse.ensemble.module import Ensemble, check_weights
 
 __all__ = [
     "COMBINERS",
     "Combiner",
     "Ensemble",
+    "GreedySelection",
+    "LearnedWeights",
     "check_weights",
     "get_combiner",
     "metrics",

@@ -1,0 +1,124 @@
+"""Combiners fitted on cached member predictions (compute each member's outputs on the
+validation set once; fitting then takes milliseconds).
+
+Both follow scikit-learn's estimator conventions: the constructor only stores settings,
+``fit(outputs, labels)`` validates and learns, fitted state ends in ``_``.
+``outputs`` are the members' logits stacked as (K, N, classes) (``Ensemble.member_outputs``),
+``labels`` (N,) class indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from modelfuse.ensemble.module import Ensemble
+from modelfuse.errors import ConfigError
+
+
+def _check_fit(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 3:
+        raise ConfigError(
+            "expected the members' logits stacked as (members, samples, classes), found "
+            f"{tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__}"
+        )
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.numel() != outputs.shape[1]:
+        raise ConfigError(
+            f"{labels.numel()} labels for {outputs.shape[1]} samples: give one label per sample"
+        )
+    if labels.numel() == 0:
+        raise ConfigError("fitting needs at least one validation sample")
+    if labels.min() < 0 or labels.max() >= outputs.shape[2]:
+        raise ConfigError(f"labels must lie in [0, {outputs.shape[2] - 1}]")
+    if not torch.isfinite(outputs).all():
+        raise ConfigError("the members' outputs contain NaN or infinite values")
+    return torch.log_softmax(outputs.double(), dim=-1), labels
+
+
+def mixture_nll(log_probs: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NLL of the weighted mean of probabilities: -mean_n log sum_k w_k p_k(y_n | x_n)."""
+    picked = log_probs.gather(2, labels.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)).squeeze(2)  # (K, N)
+    return -torch.logsumexp(picked + torch.log(weights).view(-1, 1), dim=0).mean()
+
+
+class LearnedWeights:
+    """Member weights that minimise the validation NLL of the weighted mean of probabilities.
+
+    The weights are a softmax of free parameters, so they stay non-negative and sum to one;
+    fitted by L-BFGS from equal weights (``max_iter`` iterations at most), in float64.
+    """
+
+    def __init__(self, max_iter: int = 200) -> None:
+        self.max_iter = max_iter
+
+    def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> LearnedWeights:
+        log_probs, labels = _check_fit(outputs, labels)
+        k = log_probs.shape[0]
+        picked = log_probs.gather(2, labels.view(1, -1, 1).expand(k, -1, 1)).squeeze(2)
+        free = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [free], max_iter=self.max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12
+        )
+
+        def loss() -> torch.Tensor:
+            opt.zero_grad()
+            value = -torch.logsumexp(picked + torch.log_softmax(free, 0).view(-1, 1), dim=0).mean()
+            value.backward()
+            return value
+
+        start = loss().item()
+        opt.step(loss)
+        weights = torch.softmax(free.detach(), 0)
+        final = mixture_nll(log_probs, weights, labels).item()
+        if final > start:  # L-BFGS moved away: keep equal weights
+            weights, final = torch.full((k,), 1.0 / k, dtype=torch.float64), start
+        self.weights_ = weights
+        self.nll_ = final
+        self.start_nll_ = start
+        return self
+
+    def ensemble(self, members: Sequence[nn.Module]) -> Ensemble:
+        """An ``Ensemble`` of ``members`` with the fitted weights (mean of probabilities)."""
+        return Ensemble(members, "mean_prob", self.weights_)
+
+
+class GreedySelection:
+    """Ensemble selection (Caruana et al. 2004): start empty and repeatedly add, with
+    replacement, the member whose addition gives the lowest validation NLL of the mean of
+    probabilities, for at most ``steps`` additions; stop early when no addition lowers it.
+    ``weights_``: how often each member was picked, over the number of picks;
+    ``trajectory_``: the validation NLL after each pick (non-increasing by construction);
+    ``picks_``: the members in the order picked."""
+
+    def __init__(self, steps: int = 50) -> None:
+        if steps < 1:
+            raise ConfigError(f"greedy selection needs at least one step, found steps={steps}")
+        self.steps = steps
+
+    def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> GreedySelection:
+        log_probs, labels = _check_fit(outputs, labels)
+        k, n = log_probs.shape[:2]
+        picked = log_probs.gather(2, labels.view(1, -1, 1).expand(k, -1, 1)).squeeze(2).exp()  # (K, N)
+        total = torch.zeros(n, dtype=torch.float64)  # sum of the picked members' label probabilities
+        picks: list[int] = []
+        trajectory: list[float] = []
+        for step in range(self.steps):
+            candidates = -torch.log((total + picked) / (step + 1)).mean(1)  # NLL after adding each member
+            best = int(torch.argmin(candidates))  # the lowest index on ties
+            if trajectory and candidates[best].item() >= trajectory[-1]:
+                break
+            picks.append(best)
+            total += picked[best]
+            trajectory.append(candidates[best].item())
+        counts = torch.bincount(torch.tensor(picks), minlength=k).double()
+        self.picks_ = picks
+        self.trajectory_ = trajectory
+        self.weights_ = counts / counts.sum()
+        return self
+
+    def ensemble(self, members: Sequence[nn.Module]) -> Ensemble:
+        """An ``Ensemble`` of ``members`` with the selection's weights (mean of probabilities)."""
+        return Ensemble(members, "mean_prob", self.weights_)
