@@ -79,10 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def run() -> None:
     """The console entry point (``modelfuse``, ``python -m modelfuse``): :func:`main`, then
     leave without the interpreter's teardown.

@@ -26,10 +26,6 @@ class Combiner:
     task: str  # "classification" or "regression"
     weighted: bool = True
 
-    @property
-    def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip().split("\n")[0]
-
 
 COMBINERS: Registry[Combiner] = Registry("combiner")
 

@@ -18,7 +18,9 @@ from modelfuse.ensemble.module import Ensemble
 from modelfuse.errors import ConfigError
 
 
-def _check_fit(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _label_log_probs(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Validated inputs of a fit, reduced to what the fits use: each member's log-probability
+    of each sample's label, (K, N), float64."""
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 3:
         raise ConfigError(
             "expected the members' logits stacked as (members, samples, classes), found "
@@ -35,13 +37,14 @@ def _check_fit(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         raise ConfigError(f"labels must lie in [0, {outputs.shape[2] - 1}]")
     if not torch.isfinite(outputs).all():
         raise ConfigError("the members' outputs contain NaN or infinite values")
-    return torch.log_softmax(outputs.double(), dim=-1), labels
+    log_probs = torch.log_softmax(outputs.double(), dim=-1)
+    return log_probs.gather(2, labels.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)).squeeze(2)
 
 
-def mixture_nll(log_probs: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """NLL of the weighted mean of probabilities: -mean_n log sum_k w_k p_k(y_n | x_n)."""
-    picked = log_probs.gather(2, labels.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)).squeeze(2)  # (K, N)
-    return -torch.logsumexp(picked + torch.log(weights).view(-1, 1), dim=0).mean()
+def mixture_nll(picked: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """NLL of the weighted mean of probabilities, -mean_n log sum_k w_k p_k(y_n | x_n), from
+    the label log-probabilities (K, N) and log w (K,)."""
+    return -torch.logsumexp(picked + log_weights.view(-1, 1), dim=0).mean()
 
 
 class LearnedWeights:
@@ -55,9 +58,8 @@ class LearnedWeights:
         self.max_iter = max_iter
 
     def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> LearnedWeights:
-        log_probs, labels = _check_fit(outputs, labels)
-        k = log_probs.shape[0]
-        picked = log_probs.gather(2, labels.view(1, -1, 1).expand(k, -1, 1)).squeeze(2)
+        picked = _label_log_probs(outputs, labels)
+        k = picked.shape[0]
         free = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS(
             [free], max_iter=self.max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12
@@ -65,14 +67,14 @@ class LearnedWeights:
 
         def loss() -> torch.Tensor:
             opt.zero_grad()
-            value = -torch.logsumexp(picked + torch.log_softmax(free, 0).view(-1, 1), dim=0).mean()
+            value = mixture_nll(picked, torch.log_softmax(free, 0))
             value.backward()
             return value
 
         start = loss().item()
         opt.step(loss)
         weights = torch.softmax(free.detach(), 0)
-        final = mixture_nll(log_probs, weights, labels).item()
+        final = mixture_nll(picked, torch.log(weights)).item()
         if final > start:  # L-BFGS moved away: keep equal weights
             weights, final = torch.full((k,), 1.0 / k, dtype=torch.float64), start
         self.weights_ = weights
@@ -99,9 +101,8 @@ class GreedySelection:
         self.steps = steps
 
     def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> GreedySelection:
-        log_probs, labels = _check_fit(outputs, labels)
-        k, n = log_probs.shape[:2]
-        picked = log_probs.gather(2, labels.view(1, -1, 1).expand(k, -1, 1)).squeeze(2).exp()  # (K, N)
+        picked = _label_log_probs(outputs, labels).exp()  # (K, N): each member's probability of the label
+        k, n = picked.shape
         total = torch.zeros(n, dtype=torch.float64)  # sum of the picked members' label probabilities
         picks: list[int] = []
         trajectory: list[float] = []

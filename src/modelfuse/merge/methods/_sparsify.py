@@ -898,9 +898,7 @@ def _kernel_merge(
             norm_passes.append(
                 (
                     i,
-                    _kernels.NormPass(
-                        x_arrays[i], b, rule.copy(), scale[i].copy(), positions, part.rescale, mask
-                    ),
+                    _kernels.NormPass(x_arrays[i], b, rule, scale[i].copy(), positions, part.rescale, mask),
                 )
             )
     # the models' norm passes are independent: their ranges spread over the cores
