@@ -19,6 +19,7 @@ from modelfuse import __version__
 COMMANDS = {
     "inspect": "modelfuse.cli.inspect",
     "merge": "modelfuse.cli.merge",
+    "ensemble": "modelfuse.cli.ensemble",
     "demo": "modelfuse.cli.demo",
 }
 

@@ -61,19 +61,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _shorthand(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
+    from modelfuse.cli._args import key_values
 
-    from modelfuse.errors import ConfigError
-
-    params: dict[str, Any] = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param density=0.3")
-        try:
-            params[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--param {item!r}: cannot read the value ({exc})") from None
+    params = key_values(args.param, "--param", "density=0.3")
     recipe: dict[str, Any] = {
         "merge_method": args.method,
         "models": [{"model": m} for m in args.inputs],

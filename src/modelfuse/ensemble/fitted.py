@@ -9,6 +9,7 @@ Both follow scikit-learn's estimator conventions: the constructor only stores se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,9 +19,9 @@ from modelfuse.ensemble.module import Ensemble
 from modelfuse.errors import ConfigError
 
 
-def _label_log_probs(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Validated inputs of a fit, reduced to what the fits use: each member's log-probability
-    of each sample's label, (K, N), float64."""
+def member_log_probs(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated inputs of a fit: the members' log-probabilities (K, N, classes) in float64 and
+    the labels (N,) as int64; errors say what is wrong with either."""
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 3:
         raise ConfigError(
             "expected the members' logits stacked as (members, samples, classes), found "
@@ -37,7 +38,11 @@ def _label_log_probs(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         raise ConfigError(f"labels must lie in [0, {outputs.shape[2] - 1}]")
     if not torch.isfinite(outputs).all():
         raise ConfigError("the members' outputs contain NaN or infinite values")
-    log_probs = torch.log_softmax(outputs.double(), dim=-1)
+    return torch.log_softmax(outputs.detach().cpu().double(), dim=-1), labels.cpu()
+
+
+def label_log_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each member's log-probability of each sample's label, (K, N), from (K, N, classes)."""
     return log_probs.gather(2, labels.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)).squeeze(2)
 
 
@@ -47,18 +52,69 @@ def mixture_nll(picked: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor
     return -torch.logsumexp(picked + log_weights.view(-1, 1), dim=0).mean()
 
 
+class TemperatureScaling:
+    """One temperature T for a classifier's scores, minimising the validation NLL of
+    softmax(z / T) (Guo et al. 2017, "On calibration of modern neural networks", Sec. 4.2).
+
+    ``fit(scores, labels)`` takes (N, classes) logits or log-probabilities (an ensemble's
+    output); T is fitted in log space by L-BFGS from T = 1, in float64. T > 1 softens
+    over-confident predictions; the argmax, hence the accuracy, never changes.
+    """
+
+    def __init__(self, max_iter: int = 100) -> None:
+        self.max_iter = max_iter
+
+    def fit(self, scores: torch.Tensor, labels: torch.Tensor) -> TemperatureScaling:
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+            raise ConfigError(
+                "temperature scaling expects scores of shape (samples, classes), found "
+                f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}"
+            )
+        log_probs, labels = member_log_probs(scores.unsqueeze(0), labels)
+        z = log_probs[0]  # log_softmax leaves softmax(z / T) unchanged for every T
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [log_t], max_iter=self.max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12
+        )
+
+        def loss() -> torch.Tensor:
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(z / log_t.exp(), labels)
+            value.backward()
+            return value
+
+        self.start_nll_ = loss().item()
+        opt.step(loss)
+        t = float(log_t.detach().exp())
+        final = torch.nn.functional.cross_entropy(z / t, labels).item()
+        if not math.isfinite(final) or final > self.start_nll_:
+            t, final = 1.0, self.start_nll_
+        self.temperature_ = t
+        self.nll_ = final
+        return self
+
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        """Calibrated log-probabilities log_softmax(scores / T)."""
+        return torch.log_softmax(scores / self.temperature_, dim=-1)
+
+
 class LearnedWeights:
     """Member weights that minimise the validation NLL of the weighted mean of probabilities.
 
     The weights are a softmax of free parameters, so they stay non-negative and sum to one;
     fitted by L-BFGS from equal weights (``max_iter`` iterations at most), in float64.
+    With ``temperature=True`` a temperature for the weighted ensemble is fitted afterwards
+    (``TemperatureScaling``); ``temperature_`` is 1 otherwise. ``nll_`` is the fitted
+    ensemble's validation NLL, ``start_nll_`` the plain mean's.
     """
 
-    def __init__(self, max_iter: int = 200) -> None:
+    def __init__(self, max_iter: int = 200, temperature: bool = False) -> None:
         self.max_iter = max_iter
+        self.temperature = temperature
 
     def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> LearnedWeights:
-        picked = _label_log_probs(outputs, labels)
+        log_probs, labels = member_log_probs(outputs, labels)
+        picked = label_log_probs(log_probs, labels)
         k = picked.shape[0]
         free = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS(
@@ -77,14 +133,19 @@ class LearnedWeights:
         final = mixture_nll(picked, torch.log(weights)).item()
         if final > start:  # L-BFGS moved away: keep equal weights
             weights, final = torch.full((k,), 1.0 / k, dtype=torch.float64), start
+        self.temperature_ = 1.0
+        if self.temperature:
+            combined = torch.logsumexp(log_probs + torch.log(weights).view(-1, 1, 1), dim=0)
+            scaling = TemperatureScaling().fit(combined, labels)
+            self.temperature_, final = scaling.temperature_, scaling.nll_
         self.weights_ = weights
         self.nll_ = final
         self.start_nll_ = start
         return self
 
     def ensemble(self, members: Sequence[nn.Module]) -> Ensemble:
-        """An ``Ensemble`` of ``members`` with the fitted weights (mean of probabilities)."""
-        return Ensemble(members, "mean_prob", self.weights_)
+        """An ``Ensemble`` of ``members`` with the fitted weights (and temperature)."""
+        return Ensemble(members, "mean_prob", self.weights_, temperature=self.temperature_)
 
 
 class GreedySelection:
@@ -101,7 +162,9 @@ class GreedySelection:
         self.steps = steps
 
     def fit(self, outputs: torch.Tensor, labels: torch.Tensor) -> GreedySelection:
-        picked = _label_log_probs(outputs, labels).exp()  # (K, N): each member's probability of the label
+        picked = label_log_probs(
+            *member_log_probs(outputs, labels)
+        ).exp()  # (K, N): each member's probability of the label
         k, n = picked.shape
         total = torch.zeros(n, dtype=torch.float64)  # sum of the picked members' label probabilities
         picks: list[int] = []

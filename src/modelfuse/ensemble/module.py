@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,25 +29,12 @@ def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) ->
     return w / w.sum()
 
 
-class Ensemble(nn.Module):
-    """An ensemble of trained models (architectures may differ) as one module.
+class MemberSet(nn.Module):
+    """Trained members held frozen and always in eval mode, also when the owner is put in
+    training mode: they are trained already, and their BatchNorm statistics must not move.
+    The base of every module that combines members' outputs (``Ensemble``, ``StackedEnsemble``)."""
 
-    ``combine`` names a combiner (``COMBINERS``: mean_prob, mean_logits, geometric_mean,
-    vote, max_confidence for classification, whose members give logits and whose output is
-    log-probabilities; mean, median for regression). ``weights``: one non-negative weight
-    per member, normalised to sum to one (equal by default).
-
-    The members are frozen (no gradients) and always run in eval mode, also when the
-    ensemble is put in training mode: they are trained already, and their BatchNorm
-    statistics must not move.
-    """
-
-    def __init__(
-        self,
-        members: Sequence[nn.Module],
-        combine: str = "mean_prob",
-        weights: Sequence[float] | torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
         members = list(members)
         if not members:
@@ -54,28 +42,13 @@ class Ensemble(nn.Module):
         for i, m in enumerate(members):
             if not isinstance(m, nn.Module):
                 raise ConfigError(f"member {i} is a {type(m).__name__}, not a torch.nn.Module")
-        self.combiner: Combiner = get_combiner(combine)
-        if weights is not None and not self.combiner.weighted:
-            raise ConfigError(
-                f"the {combine!r} combiner does not use member weights; leave weights out or pick "
-                f"one of {', '.join(n for n in COMBINERS if get_combiner(n).weighted)}"
-            )
         self.members = nn.ModuleList(members)
         for m in self.members:
             m.requires_grad_(False)
             m.eval()
-        self.register_buffer("weights", check_weights(weights, len(members)))
 
-    @property
-    def combine(self) -> str:
-        return self.combiner.name
-
-    @property
-    def task(self) -> str:
-        return self.combiner.task
-
-    def train(self, mode: bool = True) -> Ensemble:
-        """Sets the ensemble's own mode; the members stay in eval mode."""
+    def train(self, mode: bool = True) -> MemberSet:
+        """Sets this module's own mode; the members stay in eval mode."""
         super().train(mode)
         for m in self.members:
             m.eval()
@@ -100,20 +73,77 @@ class Ensemble(nn.Module):
             outs.append(out)
         return torch.stack(outs)
 
-    def combine_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The combiner applied to stacked member outputs (K, N, ...), e.g. cached predictions."""
+    def _check_stacked(self, outputs: torch.Tensor, what: str, classes: bool) -> None:
         if outputs.dim() < 2 or outputs.shape[0] != len(self.members):
             raise EnsembleError(
                 f"expected the outputs of {len(self.members)} members stacked as (K, N, ...), "
                 f"found shape {tuple(outputs.shape)}"
             )
-        if self.task == "classification" and outputs.dim() < 3:
+        if classes and outputs.dim() < 3:
             raise EnsembleError(
-                f"the {self.combine!r} combiner needs class scores (K, N, classes), found shape {tuple(outputs.shape)}"
+                f"{what} needs class scores (K, N, classes), found shape {tuple(outputs.shape)}"
             )
+
+
+class Ensemble(MemberSet):
+    """An ensemble of trained models (architectures may differ) as one module.
+
+    ``combine`` names a combiner (``COMBINERS``: mean_prob, mean_logits, geometric_mean,
+    vote, max_confidence for classification, whose members give logits and whose output is
+    log-probabilities; mean, median for regression). ``weights``: one non-negative weight
+    per member, normalised to sum to one (equal by default). ``temperature`` (classification
+    only) divides the combined log-probabilities before renormalising them, as fitted by
+    ``TemperatureScaling`` (Guo et al. 2017); 1 leaves them as they are.
+
+    The members are frozen (no gradients) and always run in eval mode (``MemberSet``).
+    """
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        combine: str = "mean_prob",
+        weights: Sequence[float] | torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(members)
+        self.combiner: Combiner = get_combiner(combine)
+        if weights is not None and not self.combiner.weighted:
+            raise ConfigError(
+                f"the {combine!r} combiner does not use member weights; leave weights out or pick "
+                f"one of {', '.join(n for n in COMBINERS if get_combiner(n).weighted)}"
+            )
+        temperature = float(temperature)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature must be a positive finite number, found {temperature}")
+        if temperature != 1.0 and self.combiner.task != "classification":
+            raise ConfigError(
+                f"temperature scaling applies to class probabilities; the {combine!r} combiner is for "
+                f"{self.combiner.task}"
+            )
+        self.temperature = temperature
+        self.register_buffer("weights", check_weights(weights, len(self.members)))
+
+    @property
+    def combine(self) -> str:
+        return self.combiner.name
+
+    @property
+    def task(self) -> str:
+        return self.combiner.task
+
+    def combine_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The combiner applied to stacked member outputs (K, N, ...), e.g. cached predictions."""
+        self._check_stacked(outputs, f"the {self.combine!r} combiner", self.task == "classification")
         if not outputs.is_floating_point():
             outputs = outputs.float()
-        return self.combiner.fn(outputs, self.weights.to(outputs.device))
+        combined = self.combiner.fn(outputs, self.weights.to(outputs.device))
+        if self.temperature != 1.0:
+            combined = torch.log_softmax(combined / self.temperature, dim=-1)
+        return combined
+
+    def extra_repr(self) -> str:
+        temp = f", temperature={self.temperature:g}" if self.temperature != 1.0 else ""
+        return f"combine={self.combine!r}{temp}"
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         return self.combine_outputs(self.member_outputs(*args, **kwargs))

@@ -14,6 +14,7 @@ from modelfuse.io.checkpoint import (
     Checkpoint,
     MissingTensorError,
     MixedFormatWarning,
+    load_into,
     open_checkpoint,
 )
 from modelfuse.io.writer import (
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointWriter",
     "MissingTensorError",
     "MixedFormatWarning",
+    "load_into",
     "open_checkpoint",
     "parse_dtype",
     "parse_size",

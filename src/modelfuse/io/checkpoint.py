@@ -653,3 +653,41 @@ def _open_folder(folder: Path) -> Checkpoint:
         "model-0000x-of-0000y.safetensors with model.safetensors.index.json, pytorch_model.bin, "
         "or one .safetensors/.bin/.pt/.pth file."
     )
+
+
+def load_into(model: torch.nn.Module, source: str | os.PathLike | Mapping | Checkpoint) -> torch.nn.Module:
+    """Load a checkpoint's tensors into ``model`` (in place, returned), strictly: every
+    parameter and buffer present with its shape, nothing left over. A mismatch is a
+    CheckpointError that names the file, the first keys missing / unexpected / misshapen and
+    the usual cause (another architecture or other options), and leaves ``model`` unchanged."""
+    ckpt = open_checkpoint(source)
+    where = str(ckpt.path) if ckpt.path is not None else "the state_dict"
+    try:
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in ckpt]
+        unexpected = [k for k in ckpt if k not in expected]
+        misshapen = [
+            f"{k} {tuple(ckpt.shape(k))} (model {tuple(expected[k].shape)})"
+            for k in expected
+            if k in ckpt and tuple(ckpt.shape(k)) != tuple(expected[k].shape)
+        ]
+        if missing or unexpected or misshapen:
+            parts = [
+                f"{label} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                for label, keys in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("shape differs", misshapen),
+                )
+                if keys
+            ]
+            raise CheckpointError(
+                f"{where} does not fit the {type(model).__name__} it is loaded into ("
+                + "; ".join(parts)
+                + "): is it another architecture, or the same one with other options (width, classes)?"
+            )
+        model.load_state_dict({k: ckpt[k] for k in expected})
+    finally:
+        if ckpt is not source:
+            ckpt.close()
+    return model
