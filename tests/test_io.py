@@ -1123,3 +1123,26 @@ def test_real_minilm_checkpoint(tmp_path):
     with safe_open(folder / "model.safetensors", framework="pt") as f:
         for name in ck:
             assert torch.equal(copy[name], f.get_tensor(name)), name
+
+
+def test_load_into_is_strict_and_leaves_the_model_unchanged_on_a_mismatch(tmp_path):
+    from modelfuse.io import load_into
+
+    source = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    save_file(source.state_dict(), tmp_path / "a.safetensors")
+    target = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    assert load_into(target, tmp_path / "a.safetensors") is target
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_into(other, tmp_path / "a.safetensors")
+    message = str(err.value)
+    assert "a.safetensors does not fit the Sequential" in message
+    assert "missing 2: 2.weight, 2.bias" in message
+    assert "unexpected 5: 1." in message and ", ..." in message  # BatchNorm 1.*: weight, bias and 3 buffers
+    assert "shape differs 2: 0.weight (3, 4) (model (5, 4)), 0.bias (3,) (model (5,))" in message
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(CheckpointError, match="the state_dict does not fit"):
+        load_into(torch.nn.Linear(4, 3), {"weight": torch.zeros(4, 3), "bias": torch.zeros(3)})
