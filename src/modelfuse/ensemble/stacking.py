@@ -193,10 +193,17 @@ def _apply(meta: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _logistic(x: torch.Tensor, y: torch.Tensor, classes: int, c: float) -> nn.Linear:
     """scikit-learn's multinomial logistic regression, as an ``nn.Linear`` from features to logits
     over all ``classes`` (a class absent from ``y`` gets a logit of -inf)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=c, tol=1e-8, max_iter=5000)
-    model.fit(x.numpy(), y.numpy())
+    with warnings.catch_warnings():
+        # a tight tolerance keeps fits reproducible; weakly regularised fits (large C) on
+        # log-probability features can stop a hair short of it, which the out-of-fold NLL judges
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x.numpy(), y.numpy())
     coef = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64))
     bias = torch.from_numpy(np.asarray(model.intercept_, dtype=np.float64))
     if coef.shape[0] == 1:  # binary: scikit-learn keeps one row, the logit of classes_[1] over classes_[0]
