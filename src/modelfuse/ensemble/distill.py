@@ -161,7 +161,7 @@ class DistillReport:
         rows.append(("ensemble", self.ensemble, {}))
         lines = [f"{'':<20}{'accuracy':>10}{'nll':>10}{'acc gap':>10}{'nll gap':>10}"]
         for name, m, gap in rows:
-            gaps = "".join(f"{gap[k]:>10.1%}" if k in gap else f"{'':>10}" for k in ("accuracy", "nll"))
+            gaps = "".join(_gap_cell(gap.get(k)) for k in ("accuracy", "nll"))
             lines.append(f"{name:<20}{m['accuracy']:>10.4f}{m['nll']:>10.4f}{gaps}")
         return "\n".join(lines)
 
@@ -420,6 +420,13 @@ def _materialise(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"accuracy": accuracy(log_probs, labels.long()), "nll": nll(log_probs, labels.long())}
+
+
+def _gap_cell(value: float | None) -> str:
+    """A gap fraction as a table cell: blank where it does not apply, n/a where the ensemble ties the best."""
+    if value is None:
+        return f"{'':>10}"
+    return f"{'n/a':>10}" if math.isnan(value) else f"{value:>10.1%}"
 
 
 def _fraction(value: float, best: float, ensemble: float) -> float:
