@@ -49,3 +49,11 @@ class RegistryError(FusionError, KeyError):
 
 class EnsembleError(FusionError):
     """Members of an ensemble do not fit together (their outputs differ in shape or kind)."""
+
+
+class StructureError(FusionError):
+    """Networks cannot be cut, stitched, composed or stacked as asked (no such node, shapes that do not fit)."""
+
+
+class FeatureError(FusionError):
+    """Backbone features cannot be tapped, aligned or fused as asked (no such tap, shapes that do not fit)."""

@@ -4,54 +4,31 @@ mergekit's rules (see reference/mergekit-semantics.md): a value is a scalar, a g
 (numbers interpolated across layer depth) or a list of ``{filter, value}`` conditions
 where ``filter`` is a substring of the tensor name and the first match wins. Layer depth
 comes from the tensor's name (``...layers.N.``, ``...h.N.``, ``...blocks.N.``,
-``...layer.N.``), so no per-architecture definition is needed.
+``...layer.N.``), so no per-architecture definition is needed; those layer-name helpers live
+in :mod:`modelfuse.layers` (re-exported here) and are shared with ``modelfuse.structure``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from modelfuse.layers import LAYER_COUNT_KEYS as LAYER_COUNT_KEYS
+from modelfuse.layers import LAYER_PATTERN as LAYER_PATTERN
+from modelfuse.layers import count_layers as count_layers
+from modelfuse.layers import layer_index as layer_index
+from modelfuse.layers import with_layer as with_layer
 from modelfuse.merge.recipe import Condition
 
-#: the numbered-layer component of a tensor name: ``model.layers.12.mlp...`` -> 12
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-#: config.json keys that hold the number of layers, by model family
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 #: names of tensors that come before the layers (embeddings); others outside layers come after
 _PRE_LAYER = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
-
-
-def layer_index(name: str) -> int | None:
-    """The layer number in a tensor name, or None for tensors outside the numbered layers."""
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(1)) if match else None
-
-
-def with_layer(name: str, index: int) -> str:
-    """``name`` with its layer number replaced by ``index``."""
-    match = LAYER_PATTERN.search(name)
-    if match is None:
-        raise ValueError(f"{name!r} has no layer number")
-    start, end = match.span(1)
-    return f"{name[:start]}{index}{name[end:]}"
 
 
 def is_pre_layer(name: str) -> bool:
     """Whether a tensor outside the layers belongs before them (embeddings) rather than after (norm, head)."""
     return bool(_PRE_LAYER.search(name))
-
-
-def count_layers(names: Iterable[str], config: Mapping[str, Any] | None = None) -> int:
-    """Number of numbered layers: from config.json when it says, else the largest index in the names + 1."""
-    for key in LAYER_COUNT_KEYS:
-        value = (config or {}).get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    found = [i for i in map(layer_index, names) if i is not None]
-    return max(found) + 1 if found else 0
 
 
 def depth(layer: int | None, layers: int) -> float:

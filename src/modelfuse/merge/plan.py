@@ -18,6 +18,7 @@ import torch
 from modelfuse.errors import ConfigError
 from modelfuse.io import Checkpoint, open_checkpoint
 from modelfuse.io.writer import parse_dtype
+from modelfuse.layers import check_layer_range
 from modelfuse.merge.methods import MergeMethod, get_method
 from modelfuse.merge.params import (
     LAYER_COUNT_KEYS,
@@ -400,11 +401,9 @@ def _plan_slices(
         for j, src in enumerate(sl.sources):
             ck = models[src.model]
             n = count_layers(ck.keys(), ck.config)
-            if src.layer_range[1] > n:
-                raise ConfigError(
-                    f"slices[{i}].sources[{j}].layer_range {list(src.layer_range)}: model {src.model!r} "
-                    f"has {n} layers (0 to {n - 1}); the end of a range is exclusive, at most {n}"
-                )
+            check_layer_range(
+                src.layer_range, n, f"slices[{i}].sources[{j}].layer_range", model=f"model {src.model!r}"
+            )
         slice_base = sl.base_model or base
         base_src = (
             next((s for s in sl.sources if s.model == slice_base), None) if method.base != "none" else None
