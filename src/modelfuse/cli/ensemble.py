@@ -61,38 +61,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def build_architecture(arch: str, *, input_shape: tuple[int, ...], num_classes: int, options: dict) -> Any:
-    """A fresh model from a zoo name or a ``module:function`` factory."""
-    import importlib
-    import inspect
-
-    from torch import nn
-
-    from modelfuse.errors import ConfigError
-    from modelfuse.registry import check_options
-    from modelfuse.zoo import create_model
-
-    if ":" not in arch:
-        return create_model(arch, input_shape=input_shape, num_classes=num_classes, **options)
-    module_name, _, attr = arch.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"--arch {arch!r}: cannot import {attr!r} from {module_name!r} ({exc}); give "
-            "'package.module:function' with the module on the Python path"
-        ) from None
-    if not callable(factory):
-        raise ConfigError(f"--arch {arch!r} is a {type(factory).__name__}, not a callable factory")
-    params = inspect.signature(factory).parameters
-    given = {k: v for k, v in (("input_shape", input_shape), ("num_classes", num_classes)) if k in params}
-    check_options(f"factory {arch!r}", factory, options, fixed=given)
-    model = factory(**given, **options)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
 def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command prints, as a JSON-ready dict."""
     from pathlib import Path
@@ -111,7 +79,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     )
     from modelfuse.errors import ConfigError
     from modelfuse.io import load_into
-    from modelfuse.zoo import predict
+    from modelfuse.zoo import build_architecture, predict
 
     paths = [Path(p) for p in args.checkpoints]
     archs = list(args.arch)

@@ -14,6 +14,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from modelfuse.config import location, read_yaml, shown, valid_fields
 from modelfuse.errors import ConfigError
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007  (pydantic reads the union in this order)
@@ -125,20 +126,6 @@ class Recipe(_Strict):
         return list(dict.fromkeys(seen))
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("bool", "int", "float", "str", "list[float]", "list[Condition]", "tuple[int, int]"):
-            continue  # pydantic's union-member labels say nothing to a user
-        elif str(part).startswith(("function-", "union[")):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict; errors name ``source``, the field path and what is valid."""
     if not isinstance(data, dict):
@@ -151,17 +138,17 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     except ValidationError as exc:
         seen: dict[str, str] = {}
         for err in exc.errors():
-            where = _location(err["loc"])
+            where = location(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if "parameters" in err["loc"][:-1] and err["type"] != "extra_forbidden":
                 msg = (
                     "a parameter value is a number, a boolean, a gradient (a list of numbers) or a list "
-                    f"of {{filter, value}} conditions; found {_shown(err['input'])}"
+                    f"of {{filter, value}} conditions; found {shown(err['input'])}"
                 )
-                where = _location(err["loc"][: err["loc"].index("parameters") + 2])
+                where = location(err["loc"][: err["loc"].index("parameters") + 2])
             elif err["type"] == "extra_forbidden":
                 msg = "unknown field"
-                valid = _valid_fields(err["loc"])
+                valid = valid_fields(Recipe, err["loc"])
                 if valid:
                     msg += f" (valid here: {', '.join(valid)})"
             seen.setdefault(where, msg)
@@ -169,47 +156,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: invalid recipe: {problems}") from None
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _valid_fields(loc: tuple[Any, ...]) -> list[str]:
-    schema: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = schema.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = getattr(ann, "__args__", (ann,))
-        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
-        nested += [
-            b
-            for a in inner
-            for b in getattr(a, "__args__", ())
-            if isinstance(b, type) and issubclass(b, BaseModel)
-        ]
-        if not nested:
-            return []
-        schema = nested[0]
-    return list(schema.model_fields)
-
-
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a YAML recipe file; YAML syntax errors give the line and column."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"recipe {file} does not exist (or is not a file)")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{file}: YAML syntax error{where}: {exc.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read the recipe ({exc})") from None
-    return parse_recipe(data, str(file))
+    return parse_recipe(read_yaml(path), str(Path(path)))

@@ -14,7 +14,14 @@ from __future__ import annotations
 from modelfuse.zoo import models as _models
 from modelfuse.zoo.models import MLP, BasicBlock, ConvBlock, ConvNet, ResNet
 from modelfuse.zoo.pool import Pool, build_finetune_pool, build_pool, code_hash, member_key, member_spec
-from modelfuse.zoo.registry import ModelInfo, create_model, list_models, model_info, register_model
+from modelfuse.zoo.registry import (
+    ModelInfo,
+    build_architecture,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
 from modelfuse.zoo.train import (
     Callback,
     TrainResult,
@@ -40,6 +47,7 @@ __all__ = [
     "ResNet",
     "TrainResult",
     "TrainState",
+    "build_architecture",
     "build_finetune_pool",
     "build_pool",
     "code_hash",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
+from modelfuse.errors import ConfigError
 from modelfuse.registry import Registry, check_options
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -67,3 +69,54 @@ def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, **k
     return info.factory(
         input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs
     )
+
+
+def build_architecture(
+    arch: str, *, input_shape: Sequence[int], num_classes: int, options: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """A fresh (untrained) model from a name, as the CLI and recipes give architectures:
+
+    - a zoo name (``cnn``, ``vgg_small``, ...), built for ``input_shape`` and ``num_classes``;
+    - ``torchvision:NAME`` (``torchvision:resnet18``), ``torchvision.models.get_model(NAME,
+      weights=None, **options)``: no download, load weights from a local file afterwards;
+    - ``package.module:function``, a user's factory, called with ``input_shape=`` and
+      ``num_classes=`` where its signature takes them, plus ``options``.
+    """
+    import importlib
+
+    options = dict(options or {})
+    if ":" not in arch:
+        return create_model(arch, input_shape=input_shape, num_classes=num_classes, **options)
+    module_name, _, attr = arch.partition(":")
+    if module_name == "torchvision":
+        from modelfuse._optional import require
+
+        models = require("torchvision.models", "torchvision architectures")
+        try:
+            return models.get_model(attr, weights=None, **options)
+        except ValueError as exc:
+            close = difflib.get_close_matches(attr, models.list_models(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"architecture {arch!r}: {exc}.{hint}") from None
+        except TypeError as exc:
+            raise ConfigError(f"architecture {arch!r}: bad options {sorted(options)} ({exc})") from None
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"architecture {arch!r}: cannot import {attr!r} from {module_name!r} ({exc}); give "
+            "'package.module:function' with the module on the Python path"
+        ) from None
+    if not callable(factory):
+        raise ConfigError(f"architecture {arch!r} is a {type(factory).__name__}, not a callable factory")
+    params = inspect.signature(factory).parameters
+    given = {
+        k: v
+        for k, v in (("input_shape", tuple(int(d) for d in input_shape)), ("num_classes", int(num_classes)))
+        if k in params and k not in options
+    }
+    check_options(f"factory {arch!r}", factory, options, fixed=given)
+    model = factory(**given, **options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
