@@ -20,6 +20,7 @@ COMMANDS = {
     "inspect": "modelfuse.cli.inspect",
     "merge": "modelfuse.cli.merge",
     "ensemble": "modelfuse.cli.ensemble",
+    "fuse-features": "modelfuse.cli.fuse_features",
     "demo": "modelfuse.cli.demo",
 }
 

@@ -1,0 +1,131 @@
+"""``modelfuse fuse-features``: the written model reproduces the printed figures; bad recipes fail
+clearly before training and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from modelfuse.cli import main
+from modelfuse.data import load
+from modelfuse.features import Branch, FeatureFusion
+from modelfuse.io import save_state_dict
+from modelfuse.zoo import build_pool, create_model, evaluate
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backbones")
+    pool = build_pool("cnn", "digits", k=2, epochs=2, cache=False, progress=False)
+    for i, m in enumerate(pool.members):
+        save_state_dict(m, folder / f"cnn{i}.safetensors")
+    save_state_dict(
+        build_pool("mlp", "digits", k=1, epochs=1, cache=False, progress=False).members[0],
+        folder / "mlp.safetensors",
+    )
+    return folder
+
+
+def write_recipe(folder, **changes):
+    recipe = {
+        "branches": [
+            {"name": "a", "model": "cnn", "weights": str(folder / "cnn0.safetensors"), "tap": "features"},
+            {"name": "b", "model": "cnn", "weights": str(folder / "cnn1.safetensors"), "tap": "features"},
+        ],
+        "fuse": "concat",
+        "data": {"name": "digits"},
+        "train": {"epochs": 3, "seed": 0},
+    }
+    recipe.update(changes)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_written_model_reproduces_the_reported_figures(backbones, tmp_path, capsys):
+    recipe = write_recipe(backbones, fuse="weighted", compare=True)
+    out = tmp_path / "fused"
+    assert main(["fuse-features", str(recipe), "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(report["models"]) == ["a alone", "b alone", "fused (weighted)"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors", "recipe.yaml"]
+    # rebuild the fused model from scratch and load the written weights: same test figures
+    splits = load("digits")
+    branches = [
+        Branch(create_model("cnn", input_shape=(1, 8, 8), num_classes=10), "features", name=n) for n in "ab"
+    ]
+    model = FeatureFusion(branches, fuse="weighted", num_classes=10, input_shape=(1, 8, 8))
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    test = evaluate(model, splits.test)
+    fused = report["models"]["fused (weighted)"]
+    assert test["accuracy"] == pytest.approx(fused["test_accuracy"], abs=1e-9)
+    assert test["nll"] == pytest.approx(fused["test_nll"], rel=1e-5)
+    assert fused["cached"] is True  # frozen backbones: the head trained on cached features
+    # the backbones inside are the given checkpoints, untouched by training
+    for name, file in (("a", "cnn0"), ("b", "cnn1")):
+        given = load_file(backbones / f"{file}.safetensors")
+        backbone = model.branches[name].state_dict()
+        assert backbone.keys() == given.keys()
+        for key, value in backbone.items():
+            assert torch.equal(value, given[key]), key
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["fuse"] == "weighted"
+    assert json.loads((out / "metrics.json").read_text())["fused (weighted)"]["test_nll"] == fused["test_nll"]
+
+
+def test_table_output_and_refusal_to_overwrite(backbones, tmp_path, capsys):
+    recipe = write_recipe(backbones)
+    out = tmp_path / "fused"
+    assert main(["fuse-features", str(recipe), "-o", str(out)]) == 0
+    assert "fused (concat)" in capsys.readouterr().out
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["fuse-features", str(recipe), "-o", str(out)]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert main(["fuse-features", str(recipe), "-o", str(out), "--force"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"fuze": "concat"}, "fuze: unknown field (valid here: branches, fuse,"),
+        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+        ({"branches": []}, "branches: List should have at least 1 item"),
+        ({"fuse": "sume"}, "sume"),
+    ],
+)
+def test_bad_recipes_are_clear_errors_and_write_nothing(backbones, tmp_path, capsys, changes, message):
+    recipe = write_recipe(backbones, **changes)
+    out = tmp_path / "fused"
+    assert main(["fuse-features", str(recipe), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_branches_name_the_branch(backbones, tmp_path, capsys):
+    base = write_recipe(backbones)
+    recipe = yaml.safe_load(base.read_text())
+    cases = [
+        ({"tap": "featurs"}, "branch 'a'", "no tap 'featurs'. Closest available: 'features'"),
+        ({"weights": str(backbones / "mlp.safetensors")}, "branches[0] (a)", "does not fit the ConvNet"),
+        ({"weights": str(backbones / "absent.safetensors")}, "branches[0] (a)", "no such file"),
+        ({"model": "cnm"}, "branches[0] (a)", "unknown model 'cnm'"),
+    ]
+    for change, where, message in cases:
+        branch = {**recipe["branches"][0], **change}
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "branches": [branch, recipe["branches"][1]]}))
+        assert main(["fuse-features", str(path), "-o", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert where in err and message in err, (change, err)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "syntax.yaml").write_text("branches: [\n  - a: b\n")
+    assert main(["fuse-features", str(tmp_path / "syntax.yaml"), "-o", str(tmp_path / "out")]) == 2
+    assert "YAML syntax error at line" in capsys.readouterr().err
+    # the output may not be an input
+    assert main(["fuse-features", str(base), "-o", str(backbones / "cnn0.safetensors")]) == 2
+    assert "refusing to write into input" in capsys.readouterr().err
