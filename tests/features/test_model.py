@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -300,3 +301,18 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(FeatureError, match=r"head .* does not accept"):
         FeatureFusion([Branch(m, "features")], head=nn.Linear(7, 2), input_shape=SHAPE)
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_head_norm_standardises_the_pooled_features_before_the_mlp():
+    from modelfuse.features import PoolMLPHead
+
+    torch.manual_seed(0)
+    head = PoolMLPHead(6, 3, hidden=(5,), norm=True)
+    x = torch.randn(8, 6, 2, 2) * torch.tensor([1.0, 10.0, 100.0, 0.1, 1.0, 5.0]).view(1, 6, 1, 1)
+    pooled = x.mean(dim=(2, 3)).double().numpy()
+    z = (pooled - pooled.mean(0)) / np.sqrt(pooled.var(0) + 1e-5)  # BatchNorm in training mode, affine 1 / 0
+    fc1, classifier = head.mlp.fc1, head.mlp.classifier
+    ref = np.maximum(z @ fc1.weight.double().detach().numpy().T + fc1.bias.double().detach().numpy(), 0)
+    ref = ref @ classifier.weight.double().detach().numpy().T + classifier.bias.double().detach().numpy()
+    np.testing.assert_allclose(head(x).detach().double().numpy(), ref, atol=1e-5)
+    assert next(iter(head.mlp)) is head.mlp.norm

@@ -80,6 +80,7 @@ def fuse_and_train(recipe: Any, branches: list[Any], splits: Any, device: str) -
         num_classes=splits.num_classes,
         hidden=tuple(recipe.head.hidden),
         dropout=recipe.head.dropout,
+        head_norm=recipe.head.norm,
         level=recipe.level,
         spatial=recipe.spatial,
         size=recipe.size,

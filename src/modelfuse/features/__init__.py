@@ -22,7 +22,7 @@ API:
   where to tap it and how it trains. Frozen: no gradients, always eval mode (BatchNorm statistics
   kept). Finetune: its own ``lr``. Partial: the modules from ``unfreeze_from`` on train.
 - ``FeatureFusion(branches, fuse="concat", head=None, *, num_classes=None, hidden=(256,),
-  dropout=0.0, level="auto" | "map" | "vector", spatial="pool" | "interpolate", size=None,
+  dropout=0.0, head_norm=False, level="auto" | "map" | "vector", spatial="pool" | "interpolate", size=None,
   channels=None, fuse_options=None, input_shape=None, seed=0)``: taps each branch, aligns the
   outputs (layout, spatial size, optional 1x1 projection to ``channels``), fuses them with the
   operator ``fuse`` and applies the head (global pooling + MLP unless ``head`` is given). Built for

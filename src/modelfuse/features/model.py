@@ -108,14 +108,23 @@ def _branch_names(branches: Sequence[Branch]) -> list[str]:
 
 class PoolMLPHead(nn.Module):
     """The default head: global average pooling (when the fused features are maps), then an MLP:
-    per width in ``hidden`` ``(Dropout) -> Linear -> ReLU``, then ``(Dropout) -> Linear`` to the classes."""
+    per width in ``hidden`` ``(Dropout) -> Linear -> ReLU``, then ``(Dropout) -> Linear`` to the classes.
+    ``norm=True`` puts a BatchNorm over the pooled features first (Ioffe & Szegedy 2015), so that
+    branches whose features differ in scale enter the MLP standardised."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, hidden: Sequence[int] = (256,), dropout: float = 0.0
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden: Sequence[int] = (256,),
+        dropout: float = 0.0,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = int(in_channels)
+        if norm:
+            layers["norm"] = nn.BatchNorm1d(width)
         for i, h in enumerate(hidden, start=1):
             if dropout:
                 layers[f"dropout{i}"] = nn.Dropout(dropout)
@@ -159,7 +168,7 @@ class FeatureFusion(nn.Module):
     ``spatial`` ``"pool"``/``"interpolate"`` to ``size``), optionally projected by a 1x1 projection
     to ``channels``, fused by the operator ``fuse`` (:data:`modelfuse.features.fuse.FUSIONS`, with
     ``fuse_options``), and classified by ``head`` (default: :class:`PoolMLPHead` with ``hidden``,
-    ``dropout`` and ``num_classes``; a user head receives the fused (B, C, *spatial) or (B, C) tensor).
+    ``dropout``, ``head_norm`` and ``num_classes``; a user head receives the fused (B, C, *spatial) or (B, C) tensor).
 
     Shapes are known once the module is built for an input shape: pass ``input_shape`` (no batch
     dimension), call :meth:`build`, or let the first forward pass build it. The new layers
@@ -177,6 +186,7 @@ class FeatureFusion(nn.Module):
         num_classes: int | None = None,
         hidden: Sequence[int] = (256,),
         dropout: float = 0.0,
+        head_norm: bool = False,
         level: str = "auto",
         spatial: str = "pool",
         size: int | Sequence[int] | None = None,
@@ -244,6 +254,7 @@ class FeatureFusion(nn.Module):
         self.num_classes = num_classes
         self.hidden = tuple(int(h) for h in hidden)
         self.dropout = float(dropout)
+        self.head_norm = bool(head_norm)
         self.seed = int(seed)
         self.align = nn.ModuleDict()
         self.fuse: nn.Module | None = None
@@ -329,7 +340,9 @@ class FeatureFusion(nn.Module):
             head = self.head
             if not self._user_head:
                 assert self.num_classes is not None
-                head = PoolMLPHead(fuse.out_channels, self.num_classes, self.hidden, self.dropout)
+                head = PoolMLPHead(
+                    fuse.out_channels, self.num_classes, self.hidden, self.dropout, self.head_norm
+                )
         assert head is not None
         align.to(device)
         fuse.to(device)

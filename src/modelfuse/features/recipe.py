@@ -53,6 +53,7 @@ class DataSpec(_Strict):
 class HeadSpec(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [256])
     dropout: float = 0.0
+    norm: bool = False
 
 
 class TrainSpec(_Strict):
