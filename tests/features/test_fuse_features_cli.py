@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -129,3 +130,49 @@ def test_bad_branches_name_the_branch(backbones, tmp_path, capsys):
     # the output may not be an input
     assert main(["fuse-features", str(base), "-o", str(backbones / "cnn0.safetensors")]) == 2
     assert "refusing to write into input" in capsys.readouterr().err
+
+
+def test_a_users_image_folder_with_torchvision_and_zoo_backbones(tmp_path, capsys):
+    """fuse-features on root/<class>/<image>.png: torchvision ResNet-18 (weights from a local file)
+    fused with a zoo CNN, through the image_folder dataset."""
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        (tmp_path / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(resnet18(num_classes=2).state_dict(), tmp_path / "resnet18.pth")
+    recipe = {
+        "branches": [
+            {
+                "name": "resnet",
+                "model": "torchvision:resnet18",
+                "options": {"num_classes": 2},
+                "weights": str(tmp_path / "resnet18.pth"),
+                "tap": "layer4",
+            },
+            {"name": "cnn", "model": "cnn", "tap": "features"},
+        ],
+        "fuse": "concat",
+        "data": {
+            "name": "image_folder",
+            "options": {
+                "root": str(tmp_path / "images"),
+                "image_size": 16,
+                "val_fraction": 0.2,
+                "test_fraction": 0.2,
+            },
+        },
+        "train": {"epochs": 2, "batch_size": 4},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["fuse-features", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["models"]
+    assert list(report) == ["fused (concat)"]
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    given = torch.load(tmp_path / "resnet18.pth", weights_only=True)
+    assert torch.equal(written["branches.resnet.conv1.weight"], given["conv1.weight"])  # frozen, as loaded
