@@ -35,7 +35,10 @@ def add_parser(sub: Any) -> None:
 
 
 def build_branches(recipe: Any, splits: Any) -> list[Any]:
-    """The recipe's branches with their backbones built and their weights loaded."""
+    """The recipe's branches with their backbones built (branch i's initial weights from seed
+    ``train.seed + i``) and their weights loaded."""
+    import torch
+
     from modelfuse.errors import FusionError
     from modelfuse.features import Branch
     from modelfuse.io import load_into
@@ -45,12 +48,16 @@ def build_branches(recipe: Any, splits: Any) -> list[Any]:
     for i, spec in enumerate(recipe.branches):
         label = f"branches[{i}]" + (f" ({spec.name})" if spec.name else "")
         try:
-            model = build_architecture(
-                spec.model,
-                input_shape=splits.input_shape,
-                num_classes=splits.num_classes,
-                options=spec.options,
-            )
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # an untrained backbone's weights follow the recipe's seed
+                torch.manual_seed(int(recipe.train.seed) + i)
+                model = build_architecture(
+                    spec.model,
+                    input_shape=splits.input_shape,
+                    num_classes=splits.num_classes,
+                    options=spec.options,
+                )
             if spec.weights is not None:
                 load_into(model, spec.weights)
             branches.append(
