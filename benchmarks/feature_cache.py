@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from _machine import load_average, machine
 from modelfuse.data import Splits, load
 from modelfuse.features import Branch, FeatureFusion, fit_feature_fusion
 from modelfuse.zoo import create_model, evaluate, train
@@ -129,23 +127,6 @@ def measure(key: str, epochs: int, train_fraction: float, batch_size: int, pretr
     )
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load_avg = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()}, load average {load_avg}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="zoo,torchvision", help="comma-separated of zoo, torchvision")
@@ -204,7 +185,7 @@ def main() -> None:
             f"| {r.cached_train_s:.2f} | {r.cached_total_s:.2f} | **{r.speedup:.1f}x** | {r.max_head_diff:.1e} "
             f"| {r.test_acc_recompute:.3f}, {r.test_acc_cached:.3f} |"
         )
-    print(f"\nload average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\nload average now {load_average()}")
     if args.json:
         args.json.write_text(
             json.dumps(

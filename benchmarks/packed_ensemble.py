@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _machine import load_average, machine
 from modelfuse.ensemble.packed import pack
 from modelfuse.zoo import create_model
 
@@ -151,23 +149,6 @@ def measure(case: Case, k: int, warmup: int, repeat: int) -> Row:
     return row
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()}, load average {load}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", default="4,8,16", help="comma-separated K values (default: %(default)s)")
@@ -219,7 +200,7 @@ def main() -> None:
                 flush=True,
             )
 
-    print(f"\nload average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
+    print(f"\nload average now {load_average()}\n")
     print(
         "| model | K | batch | loop samples/s | vmap samples/s | packed samples/s | vmap/loop | packed/loop | max abs diff vs loop (vmap, packed) |"
     )
