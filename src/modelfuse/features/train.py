@@ -133,33 +133,23 @@ def fit_feature_fusion(
             checks.append(_Validate(lambda: evaluate_cached(head, val_features, device=dev)))
         # batched the way train() batches the original data: by permutation or by a seeded DataLoader
         rows = train_features if isinstance(train_set, TensorDataset) else CachedRows(train_features)
-        result = train(
-            head,
-            rows,
-            epochs=epochs,
-            seed=seed,
-            lr=lr,
-            batch_size=batch_size,
-            device=dev,
-            loss=cached_cross_entropy,
-            param_groups=model.param_groups(lr),
-            callbacks=[*checks, *callbacks],
-            **train_options,
-        )
+        target, loss = head, cached_cross_entropy
     else:
         checks = []
         if val_set is not None and len(val_set) > 0:  # type: ignore[arg-type]
             checks.append(_Validate(lambda: evaluate(model, val_set, device=dev)))
-        result = train(
-            model,
-            train_set,
-            epochs=epochs,
-            seed=seed,
-            lr=lr,
-            batch_size=batch_size,
-            device=dev,
-            param_groups=model.param_groups(lr),
-            callbacks=[*checks, *callbacks],
-            **train_options,
-        )
+        target, rows, loss = model, train_set, None
+    result = train(
+        target,
+        rows,
+        epochs=epochs,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        device=dev,
+        loss=loss,
+        param_groups=model.param_groups(lr),
+        callbacks=[*checks, *callbacks],
+        **train_options,
+    )
     return FeatureFusionFit(model=model, result=result, cached=cached, cache_seconds=cache_seconds)
