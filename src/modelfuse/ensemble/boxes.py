@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from modelfuse._optional import require
+from modelfuse.ensemble.module import check_weights
 from modelfuse.errors import ConfigError
 from modelfuse.registry import Registry, check_options
 
@@ -90,23 +91,7 @@ def _check_weights(weights: Sequence[float] | torch.Tensor | None, n_models: int
     """Model weights as given (not normalised), checked: one per model, finite, >= 0, not all 0."""
     if weights is None:
         return None
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1).numpy()
-    if w.size != n_models:
-        raise ConfigError(
-            f"{w.size} weights for {n_models} models: give one weight per model, in the order of the "
-            "box lists (or weights=None for equal weights)"
-        )
-    if not np.isfinite(w).all():
-        raise ConfigError(f"model weights must be finite numbers, found {w.tolist()}")
-    if (w < 0).any():
-        bad = np.flatnonzero(w < 0).tolist()
-        raise ConfigError(
-            f"model weights must be non-negative; model(s) {bad} have weight(s) {w[bad].tolist()}. "
-            "Use 0 to ignore a model"
-        )
-    if w.sum() <= 0:
-        raise ConfigError("model weights are all 0; at least one model needs a positive weight")
-    return w
+    return check_weights(weights, n_models, what="model", normalize=False).numpy()
 
 
 def _validate(

@@ -249,7 +249,7 @@ def distill_report(
     probabilities, with fixed ``weights`` if given (per-sample weightings need labels, so the
     ensemble uses equal weights for them)."""
     teachers = _check_teachers(teachers)
-    w = check_weights(weights, len(teachers))
+    w = check_weights(weights, len(teachers), what="teacher")
     x_test, y_test = _materialise(data.test)
     x_val, y_val = _materialise(data.val)
     test_logits = teacher_logits(teachers, TensorDataset(x_test, y_test), batch_size=batch_size)
@@ -347,12 +347,7 @@ def _weights_spec(weights: TeacherWeights, count: int) -> torch.Tensor | str | N
                 "a list of one weight per teacher, or None for equal weights"
             )
         return weights
-    try:
-        return check_weights(weights, count)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"teacher weights: {exc}".replace("members", "teachers").replace("member", "teacher")
-        ) from None
+    return check_weights(weights, count, what="teacher")
 
 
 def _check_teachers(teachers: Sequence[nn.Module]) -> list[nn.Module]:

@@ -12,21 +12,31 @@ from modelfuse.ensemble.combiners import COMBINERS, Combiner, get_combiner
 from modelfuse.errors import ConfigError, EnsembleError
 
 
-def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> torch.Tensor:
-    """Member weights as a float64 tensor summing to one (equal when None); errors say what is wrong."""
+def check_weights(
+    weights: Sequence[float] | torch.Tensor | None, count: int, what: str = "member", normalize: bool = True
+) -> torch.Tensor:
+    """One weight per ``what`` (member, teacher, model) as a float64 tensor: finite, non-negative,
+    not all zero; normalised to sum to one unless ``normalize=False`` (equal when None)."""
     if weights is None:
-        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+        return torch.full((count,), 1.0 / count if normalize else 1.0, dtype=torch.float64)
     w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
     if w.numel() != count:
-        raise ConfigError(f"{w.numel()} weights for {count} members: give one weight per member")
+        raise ConfigError(
+            f"{w.numel()} weights for {count} {what}s: give one weight per {what}, in order "
+            "(or none for equal weights)"
+        )
     if not torch.isfinite(w).all():
-        raise ConfigError(f"member weights must be finite numbers, found {w.tolist()}")
+        raise ConfigError(f"{what} weights must be finite numbers, found {w.tolist()}")
     if (w < 0).any():
         bad = [i for i, v in enumerate(w.tolist()) if v < 0]
-        raise ConfigError(f"member weights must be non-negative; member(s) {bad} have {w[bad].tolist()}")
+        raise ConfigError(
+            f"{what} weights must be non-negative; {what}(s) {bad} have {w[bad].tolist()} (use 0 to leave one out)"
+        )
     if w.sum() <= 0:
-        raise ConfigError(f"member weights sum to {w.sum().item():g}; at least one must be positive")
-    return w / w.sum()
+        raise ConfigError(
+            f"{what} weights are all 0 (they sum to 0); at least one {what} needs a positive weight"
+        )
+    return w / w.sum() if normalize else w
 
 
 class MemberSet(nn.Module):
