@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from modelfuse.data.splits import Splits
 from modelfuse.ensemble.combiners import mean_prob
 from modelfuse.ensemble.metrics import accuracy, nll
-from modelfuse.ensemble.module import check_weights
+from modelfuse.ensemble.module import check_models, check_weights
 from modelfuse.ensemble.training import ModelArg, _check_kwargs, build_model
 from modelfuse.errors import ConfigError
 from modelfuse.zoo.train import OptimizerArg, TrainResult, predict, train
@@ -351,13 +351,7 @@ def _weights_spec(weights: TeacherWeights, count: int) -> torch.Tensor | str | N
 
 
 def _check_teachers(teachers: Sequence[nn.Module]) -> list[nn.Module]:
-    teachers = list(teachers) if teachers is not None else []
-    if not teachers:
-        raise ConfigError("distillation needs at least one teacher; the teacher list is empty")
-    for i, t in enumerate(teachers):
-        if not isinstance(t, nn.Module):
-            raise ConfigError(f"teacher {i} is a {type(t).__name__}, not a torch.nn.Module")
-    return teachers
+    return check_models(teachers, what="teacher", purpose="distillation")
 
 
 def _check_logits(logits: torch.Tensor) -> None:

@@ -39,6 +39,19 @@ def check_weights(
     return w / w.sum() if normalize else w
 
 
+def check_models(
+    models: Sequence[nn.Module], what: str = "member", purpose: str = "an ensemble"
+) -> list[nn.Module]:
+    """``models`` as a list of at least one ``nn.Module``; errors name the ``what`` at fault."""
+    models = list(models) if models is not None else []
+    if not models:
+        raise ConfigError(f"{purpose} needs at least one {what}; the {what} list is empty")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ConfigError(f"{what} {i} is a {type(m).__name__}, not a torch.nn.Module")
+    return models
+
+
 class MemberSet(nn.Module):
     """Trained members held frozen and always in eval mode, also when the owner is put in
     training mode: they are trained already, and their BatchNorm statistics must not move.
@@ -46,13 +59,7 @@ class MemberSet(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
-        members = list(members)
-        if not members:
-            raise ConfigError("an ensemble needs at least one member; the member list is empty")
-        for i, m in enumerate(members):
-            if not isinstance(m, nn.Module):
-                raise ConfigError(f"member {i} is a {type(m).__name__}, not a torch.nn.Module")
-        self.members = nn.ModuleList(members)
+        self.members = nn.ModuleList(check_models(members))
         for m in self.members:
             m.requires_grad_(False)
             m.eval()

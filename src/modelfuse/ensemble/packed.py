@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from modelfuse.ensemble.module import check_models
 from modelfuse.errors import ConfigError, EnsembleError
 
 __all__ = [
@@ -1095,12 +1096,7 @@ def _check_members(members: Sequence[nn.Module]) -> list[nn.Module]:
     """The members as a list, refused unless they share one architecture, device and per-tensor dtypes."""
     if isinstance(members, nn.Module) and not isinstance(members, nn.ModuleList):
         raise ConfigError("pack takes a sequence of models, not one model; pass [model1, model2, ...]")
-    members = list(members)
-    if not members:
-        raise ConfigError("pack needs at least one member; the member list is empty")
-    for i, m in enumerate(members):
-        if not isinstance(m, nn.Module):
-            raise ConfigError(f"member {i} is a {type(m).__name__}, not a torch.nn.Module")
+    members = check_models(members, purpose="pack")
     ref = members[0]
     ref_entries = _entries(ref)
     seen: dict[int, str] = {}
