@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check $(SRC)
 	$(BIN)/python -m pytest -m "not slow"
 
-## only the long tests (memory and throughput checks on big synthetic checkpoints)
+## only the long tests (memory checks on big synthetic checkpoints, figures that train model pools)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
