@@ -5,6 +5,8 @@
   ``vgg_small``, ``resnet_small``).
 - ``train(model, data, epochs=..., seed=...)``, ``evaluate``, ``predict``: the training
   loop every part of modelfuse that learns goes through.
+- ``compare_predictions(logits_a, logits_b, labels)``: whether A really beats B on the same test
+  samples (paired bootstrap intervals of the accuracy and NLL differences).
 - ``build_pool`` / ``build_finetune_pool``: K trained models (from K seeds, or fine-tuned
   from one shared base on K tasks), cached on disk keyed by everything that made them.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 from modelfuse.zoo import models as _models
+from modelfuse.zoo.compare import PairedComparison, compare_predictions
 from modelfuse.zoo.models import MLP, BasicBlock, ConvBlock, ConvNet, ResNet
 from modelfuse.zoo.pool import Pool, build_finetune_pool, build_pool, code_hash, member_key, member_spec
 from modelfuse.zoo.registry import (
@@ -43,6 +46,7 @@ __all__ = [
     "ConvBlock",
     "ConvNet",
     "ModelInfo",
+    "PairedComparison",
     "Pool",
     "ResNet",
     "TrainResult",
@@ -51,6 +55,7 @@ __all__ = [
     "build_finetune_pool",
     "build_pool",
     "code_hash",
+    "compare_predictions",
     "create_model",
     "cross_entropy",
     "evaluate",

@@ -1,0 +1,146 @@
+"""``compare_predictions``: paired differences of accuracy and NLL with bootstrap intervals, checked
+against closed forms, the normal approximation and NumPy written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelfuse.errors import ConfigError
+from modelfuse.zoo import compare_predictions
+
+
+def one_hot_logits(predicted, classes=3, scale=4.0):
+    """Logits that predict ``predicted`` (one row per sample)."""
+    return torch.nn.functional.one_hot(torch.as_tensor(predicted), classes).double() * scale
+
+
+def numpy_nll(logits, labels):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels]
+
+
+def test_a_model_against_itself_is_an_exact_tie():
+    rng = np.random.default_rng(0)
+    logits = torch.as_tensor(rng.normal(size=(50, 4)))
+    labels = torch.as_tensor(rng.integers(0, 4, 50))
+    c = compare_predictions(logits, logits, labels)
+    assert c.accuracy_difference == 0 and c.accuracy_interval == (0.0, 0.0)
+    assert c.nll_difference == 0 and c.nll_interval == (0.0, 0.0)
+    assert (c.only_a, c.only_b, c.n) == (0, 0, 50)
+    assert not c.accuracy_significant
+
+
+def test_always_right_against_always_wrong_is_a_sure_win():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    right, wrong = one_hot_logits(labels), one_hot_logits((labels + 1) % 3)
+    c = compare_predictions(right, wrong, labels)
+    assert c.accuracy_difference == 1.0 and c.accuracy_interval == (1.0, 1.0)
+    assert (c.only_a, c.only_b) == (6, 0)
+    assert c.accuracy_significant
+    # per-sample NLL difference is the same for every sample, so the interval is that point
+    d = numpy_nll(right.numpy(), labels.numpy()) - numpy_nll(wrong.numpy(), labels.numpy())
+    assert c.nll_difference == pytest.approx(d.mean(), abs=1e-12)
+    assert c.nll_interval == pytest.approx((d[0], d[0]), abs=1e-12)
+
+
+def test_differences_and_counts_equal_numpy_and_the_interval_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    n, classes = 2000, 5
+    labels = rng.integers(0, classes, n)
+    a = rng.normal(size=(n, classes))
+    b = rng.normal(size=(n, classes))
+    a[np.arange(n), labels] += 1.5  # A is the better model
+    b[np.arange(n), labels] += 1.0
+    c = compare_predictions(torch.as_tensor(a), torch.as_tensor(b), torch.as_tensor(labels), draws=4000)
+    right_a, right_b = a.argmax(1) == labels, b.argmax(1) == labels
+    d = right_a.astype(float) - right_b
+    assert c.accuracy_difference == pytest.approx(d.mean(), abs=1e-12)
+    assert (c.only_a, c.only_b) == ((right_a & ~right_b).sum(), (right_b & ~right_a).sum())
+    dn = numpy_nll(a, labels) - numpy_nll(b, labels)
+    assert c.nll_difference == pytest.approx(dn.mean(), rel=1e-9)
+    # with 2000 samples the percentile interval is close to mean +- 1.96 standard errors
+    for (low, high), diffs in ((c.accuracy_interval, d), (c.nll_interval, dn)):
+        se = diffs.std(ddof=1) / np.sqrt(n)
+        assert low == pytest.approx(diffs.mean() - 1.96 * se, abs=0.15 * se + 1e-3 * abs(diffs.mean()))
+        assert high == pytest.approx(diffs.mean() + 1.96 * se, abs=0.15 * se + 1e-3 * abs(diffs.mean()))
+    assert c.accuracy_significant  # 1.5 against 1.0 logit margins over 2000 samples
+
+
+def test_levels_nest_and_the_seed_fixes_the_result():
+    rng = np.random.default_rng(2)
+    labels = torch.as_tensor(rng.integers(0, 3, 300))
+    a, b = (torch.as_tensor(rng.normal(size=(300, 3))) for _ in range(2))
+    wide = compare_predictions(a, b, labels, level=0.99)
+    narrow = compare_predictions(a, b, labels, level=0.5)
+    assert wide.accuracy_interval[0] <= narrow.accuracy_interval[0] <= narrow.accuracy_interval[1]
+    assert narrow.accuracy_interval[1] <= wide.accuracy_interval[1]
+    assert compare_predictions(a, b, labels, seed=7) == compare_predictions(a, b, labels, seed=7)
+    # the resamples are drawn in blocks; many samples (small blocks) give the same kind of answer
+    big = compare_predictions(a.repeat(20, 1), b.repeat(20, 1), labels.repeat(20), draws=1000)  # 2 blocks
+    assert big.accuracy_difference == pytest.approx(wide.accuracy_difference, abs=1e-12)
+    assert (
+        big.accuracy_interval[1] - big.accuracy_interval[0]
+        < narrow.accuracy_interval[1] - narrow.accuracy_interval[0]
+    )
+    assert "right only A: " in wide.describe() and "99% paired bootstrap" in wide.describe()
+    assert wide.as_dict()["accuracy_interval"] == list(wide.accuracy_interval)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "labels", "options", "message"),
+    [
+        (
+            torch.zeros(4, 3),
+            torch.zeros(5, 3),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "logits_b must be (samples, classes)",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 2),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "differ in shape: (4, 3) against (4, 2)",
+        ),
+        (
+            torch.zeros(4),
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "logits_a must be (samples, classes)",
+        ),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4), {}, "labels must be a non-empty 1-D integer"),
+        (torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), {}, "non-empty"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor([0, 1, 2, 3]), {}, "labels must lie in [0, 3)"),
+        (
+            torch.zeros(4, 3, dtype=torch.long),
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "floating-point",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"level": 95},
+            "level must be in (0, 1)",
+        ),
+        (
+            torch.zeros(4, 3),
+            torch.zeros(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"draws": 0},
+            "draws must be",
+        ),
+    ],
+)
+def test_bad_inputs_are_named(a, b, labels, options, message):
+    with pytest.raises(ConfigError) as err:
+        compare_predictions(a, b, labels, **options)
+    assert message in str(err.value)
