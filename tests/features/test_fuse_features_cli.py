@@ -4,6 +4,7 @@ clearly before training and leave nothing behind."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,19 +75,46 @@ def test_written_model_reproduces_the_reported_figures(backbones, tmp_path, caps
         for key, value in backbone.items():
             assert torch.equal(value, given[key]), key
     assert yaml.safe_load((out / "recipe.yaml").read_text())["fuse"] == "weighted"
-    assert json.loads((out / "metrics.json").read_text())["fused (weighted)"]["test_nll"] == fused["test_nll"]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["fused (weighted)"]["test_nll"] == fused["test_nll"]
+    # the paired comparison against the best branch alone agrees with the rows' own figures
+    comparison = report["comparison"]
+    assert written["comparison"] == comparison
+    alone = {n: m for n, m in report["models"].items() if n.endswith("alone")}
+    best = max(alone, key=lambda n: (alone[n]["test_accuracy"], -alone[n]["test_nll"]))
+    assert comparison["against"] == best and comparison["fused"] == "fused (weighted)"
+    n = len(splits.test)
+    assert comparison["n"] == n
+    difference = fused["test_accuracy"] - alone[best]["test_accuracy"]
+    assert comparison["accuracy_difference"] == pytest.approx(difference, abs=1e-6)
+    assert (comparison["only_a"] - comparison["only_b"]) / n == pytest.approx(difference, abs=1e-6)
+    assert comparison["nll_difference"] == pytest.approx(
+        fused["test_nll"] - alone[best]["test_nll"], abs=1e-5
+    )
+    low, high = comparison["accuracy_interval"]
+    assert low <= comparison["accuracy_difference"] <= high
 
 
 def test_table_output_and_refusal_to_overwrite(backbones, tmp_path, capsys):
     recipe = write_recipe(backbones)
     out = tmp_path / "fused"
     assert main(["fuse-features", str(recipe), "-o", str(out)]) == 0
-    assert "fused (concat)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fused (concat)" in printed
+    assert "paired bootstrap" not in printed  # no branches alone to compare with (compare: false)
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert main(["fuse-features", str(recipe), "-o", str(out)]) == 2
     assert "exists already" in capsys.readouterr().err
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     assert main(["fuse-features", str(recipe), "-o", str(out), "--force"]) == 0
+    capsys.readouterr()
+    compared = write_recipe(backbones, compare=True)
+    assert main(["fuse-features", str(compared), "-o", str(tmp_path / "compared")]) == 0
+    printed = capsys.readouterr().out
+    assert "a alone" in printed and "b alone" in printed
+    assert re.search(
+        r"fused \(concat\) - [ab] alone: [+-]\d+\.\d\d accuracy points \(95% paired bootstrap", printed
+    )
 
 
 @pytest.mark.parametrize(

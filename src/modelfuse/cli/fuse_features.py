@@ -5,8 +5,10 @@ weights, tap, training policy), the fusion operator, the head, the data and the 
 settings. The fused model is trained through the shared loop (on cached features when every
 backbone is frozen) and written atomically to OUT: ``model.safetensors`` (the whole
 ``FeatureFusion`` state dict), ``recipe.yaml`` (the recipe as validated) and ``metrics.json``.
-With ``compare: true`` each branch alone is trained with the same head and budget, and the
-table sets them against the fused model.
+With ``compare: true`` each branch alone is trained with the same head and budget, the table
+sets them against the fused model, and a paired bootstrap over the test samples
+(``modelfuse.zoo.compare_predictions``) says whether the fused model's difference from the best
+branch is more than noise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: Any) -> None:
@@ -76,10 +81,16 @@ def build_branches(recipe: Any, splits: Any) -> list[Any]:
     return branches
 
 
-def fuse_and_train(recipe: Any, branches: list[Any], splits: Any, device: str) -> tuple[Any, dict[str, Any]]:
-    """Build the FeatureFusion of ``branches`` as the recipe says, train it, and return it with its test metrics."""
+def fuse_and_train(
+    recipe: Any, branches: list[Any], splits: Any, device: str
+) -> tuple[Any, dict[str, Any], torch.Tensor]:
+    """Build the FeatureFusion of ``branches`` as the recipe says, train it, and return it with its
+    test metrics and its test logits."""
+    import torch.nn.functional as F
+
+    from modelfuse.data.splits import labels_of
     from modelfuse.features import FeatureFusion, fit_feature_fusion
-    from modelfuse.zoo import evaluate
+    from modelfuse.zoo import predict
 
     model = FeatureFusion(
         branches,
@@ -110,14 +121,19 @@ def fuse_and_train(recipe: Any, branches: list[Any], splits: Any, device: str) -
         weight_decay=t.weight_decay,
         schedule=t.schedule,
     )
-    test = evaluate(model, splits.test, device=device)
-    return model, {
-        "test_accuracy": test["accuracy"],
-        "test_nll": test["nll"],
-        "cached": fit.cached,
-        "seconds": fit.result.seconds + fit.cache_seconds,
-        "history": fit.history,
-    }
+    logits = predict(model, splits.test, device=device).float()
+    labels = labels_of(splits.test)
+    return (
+        model,
+        {
+            "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "test_nll": float(F.cross_entropy(logits, labels)),
+            "cached": fit.cached,
+            "seconds": fit.result.seconds + fit.cache_seconds,
+            "history": fit.history,
+        },
+        logits,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,8 +142,10 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from modelfuse import data as mf_data
+    from modelfuse.data.splits import labels_of
     from modelfuse.features.recipe import load_feature_recipe
     from modelfuse.io import CheckpointWriter
+    from modelfuse.zoo import compare_predictions
 
     recipe = load_feature_recipe(args.recipe)
     inputs = [b.weights for b in recipe.branches if b.weights] + [args.recipe]
@@ -137,22 +155,33 @@ def run(args: argparse.Namespace) -> int:
     splits = mf_data.load(recipe.data.name, **recipe.data.options)
     branches = build_branches(recipe, splits)
     rows: dict[str, dict[str, Any]] = {}
+    alone_logits: dict[str, torch.Tensor] = {}
     if recipe.compare and len(branches) > 1:
         for branch in branches:
-            alone = copy.deepcopy(branch)
-            _, rows[f"{branch.name or branch.tap} alone"] = fuse_and_train(
-                recipe, [alone], splits, args.device
+            name = f"{branch.name or branch.tap} alone"
+            _, rows[name], alone_logits[name] = fuse_and_train(
+                recipe, [copy.deepcopy(branch)], splits, args.device
             )
-    model, rows[f"fused ({recipe.fuse})"] = fuse_and_train(recipe, branches, splits, args.device)
+    fused = f"fused ({recipe.fuse})"
+    model, rows[fused], fused_logits = fuse_and_train(recipe, branches, splits, args.device)
+    comparison = None
+    if alone_logits:
+        # against the best branch alone: highest test accuracy, then lowest NLL
+        best = min(alone_logits, key=lambda n: (-rows[n]["test_accuracy"], rows[n]["test_nll"]))
+        result = compare_predictions(fused_logits, alone_logits[best], labels_of(splits.test))
+        comparison = {"fused": fused, "against": best, **result.as_dict()}
     with writer:
         for name, tensor in model.state_dict().items():
             writer.add(name, tensor.detach().cpu().contiguous())
         writer.write_text("recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-        writer.write_json(
-            "metrics.json", {name: {k: v for k, v in m.items() if k != "history"} for name, m in rows.items()}
-        )
+        metrics: dict[str, Any] = {
+            name: {k: v for k, v in m.items() if k != "history"} for name, m in rows.items()
+        }
+        if comparison is not None:
+            metrics["comparison"] = comparison
+        writer.write_json("metrics.json", metrics)
     if args.json:
-        print(json.dumps({"output": str(out), "models": rows}, indent=1))
+        print(json.dumps({"output": str(out), "models": rows, "comparison": comparison}, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -171,5 +200,9 @@ def run(args: argparse.Namespace) -> int:
             style=style,
         )
     Console().print(table)
+    if comparison is not None:
+        print(result.describe(fused, comparison["against"]))
+        if not result.accuracy_significant:
+            print("  the interval includes 0: on this test split the accuracies are a tie")
     print(f"wrote {out}")
     return 0
