@@ -69,6 +69,21 @@ def test_members_and_mean_of_probabilities_match_numpy(checkpoints, capsys):
     pairs = [(preds[i] != preds[j]).mean() for i in range(3) for j in range(i + 1, 3)]
     assert result["disagreement"] == pytest.approx(np.mean(pairs))
     assert result["samples"] == len(y)
+    # the paired comparison with the best member (highest accuracy, then lowest NLL), from NumPy
+    rows = result["members"]
+    best = min(range(3), key=lambda i: (-rows[i]["accuracy"], rows[i]["nll"]))
+    comparison = result["comparison"]
+    assert comparison["against"] == rows[best]["name"] and comparison["n"] == len(y)
+    right_e, right_b = ensemble.argmax(1) == y, log_p[best].argmax(1) == y
+    assert comparison["accuracy_difference"] == pytest.approx(right_e.mean() - right_b.mean(), abs=1e-12)
+    assert (comparison["only_a"], comparison["only_b"]) == (
+        (right_e & ~right_b).sum(),
+        (right_b & ~right_e).sum(),
+    )
+    nll_e, nll_b = -ensemble[np.arange(len(y)), y], -log_p[best][np.arange(len(y)), y]
+    assert comparison["nll_difference"] == pytest.approx((nll_e - nll_b).mean(), rel=1e-9)
+    low, high = comparison["accuracy_interval"]
+    assert low <= comparison["accuracy_difference"] <= high
 
 
 def test_heterogeneous_members_weights_and_vote(checkpoints, capsys):
@@ -86,6 +101,14 @@ def test_heterogeneous_members_weights_and_vote(checkpoints, capsys):
     assert (
         voted["ensemble"]["nll"] is None or voted["ensemble"]["nll"] > 0
     )  # inf (label without votes) -> null
+    if voted["ensemble"]["nll"] is None:  # then the NLL difference is not comparable either
+        assert voted["comparison"]["nll_difference"] is None and voted["comparison"]["nll_interval"] == [
+            None,
+            None,
+        ]
+    assert voted["comparison"]["accuracy_difference"] == pytest.approx(
+        voted["ensemble"]["accuracy"] - max(r["accuracy"] for r in voted["members"]), abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("fit", ["weights", "temperature", "greedy", "stacking"])
@@ -120,6 +143,8 @@ def test_table_output(checkpoints, capsys):
         "ensemble: mean_prob",
         "fitted on val",
         "disagreement",
+        "ensemble - cnn",
+        "95% paired bootstrap interval",
     ):
         assert text in out
 

@@ -144,3 +144,16 @@ def test_bad_inputs_are_named(a, b, labels, options, message):
     with pytest.raises(ConfigError) as err:
         compare_predictions(a, b, labels, **options)
     assert message in str(err.value)
+
+
+def test_a_label_probability_of_zero_leaves_accuracy_comparable_and_nll_undefined():
+    labels = torch.tensor([0, 1, 2, 1])
+    votes = torch.log(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]]))  # -inf where no vote
+    soft = one_hot_logits(labels, scale=1.0)
+    c = compare_predictions(votes, soft, labels)
+    assert c.accuracy_difference == pytest.approx(0.5 - 1.0)
+    assert (c.only_a, c.only_b) == (0, 2)
+    assert np.isnan(c.nll_difference) and all(np.isnan(c.nll_interval))
+    assert "NLL not comparable" in c.describe()
+    back = type(c).from_dict({**c.as_dict(), "against": "other"})
+    assert back.accuracy_interval == c.accuracy_interval and back.only_b == 2

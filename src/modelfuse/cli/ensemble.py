@@ -79,7 +79,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     )
     from modelfuse.errors import ConfigError
     from modelfuse.io import load_into
-    from modelfuse.zoo import build_architecture, predict
+    from modelfuse.zoo import build_architecture, compare_predictions, predict
 
     paths = [Path(p) for p in args.checkpoints]
     archs = list(args.arch)
@@ -123,6 +123,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     dataset = splits.test if args.split == "test" else splits.val
     labels = mf_data.labels_of(dataset).long()
     logits = stacked(dataset)
+    ensemble_log_probs = ensemble.combine_outputs(logits)
     member_rows = [
         {"name": p.name, "path": str(p), "arch": a, **metrics.evaluate(torch.log_softmax(z, -1), labels)}
         for p, a, z in zip(paths, archs, logits)
@@ -137,8 +138,12 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
             for key in ("accuracy", "nll", "brier", "ece")
         },
         "disagreement": metrics.disagreement(logits.argmax(-1)),
-        "ensemble": {"combine": args.combine, **metrics.evaluate(ensemble.combine_outputs(logits), labels)},
+        "ensemble": {"combine": args.combine, **metrics.evaluate(ensemble_log_probs, labels)},
     }
+    # is the ensemble really better than its best member (highest accuracy, then lowest NLL)?
+    best = min(range(len(member_rows)), key=lambda i: (-member_rows[i]["accuracy"], member_rows[i]["nll"]))
+    comparison = compare_predictions(ensemble_log_probs, logits[best], labels)
+    result["comparison"] = {"against": member_rows[best]["name"], **comparison.as_dict()}
     for row, w in zip(member_rows, ensemble.weights.tolist()):
         row["weight"] = w
     if args.fit:
@@ -182,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from modelfuse.zoo import PairedComparison
+
     result = evaluate_checkpoints(args)
     if args.json:
         print(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
@@ -213,4 +220,6 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(f"fitted on val: {fitted['method']}{extra}", "", *cells(fitted), style="bold")
     Console().print(table)
     print(f"pairwise disagreement of the members: {result['disagreement']:.4f} ({result['samples']} samples)")
+    comparison = PairedComparison.from_dict(result["comparison"])
+    print(comparison.describe("ensemble", result["comparison"]["against"]))
     return 0

@@ -9,7 +9,9 @@ interval: a tie, not a win.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ class PairedComparison:
     """Model A minus model B on ``n`` shared samples.
 
     ``accuracy_difference``: A's accuracy minus B's (a share, not points); ``nll_difference``: A's
-    mean NLL minus B's (negative: A is better). Each has a ``level`` bootstrap interval. ``only_a``
+    mean NLL minus B's (negative: A is better; NaN where either gives a label probability 0). Each has a ``level`` bootstrap interval. ``only_a``
     / ``only_b``: samples only A / only B classifies right (the disagreements that decide).
     """
 
@@ -53,14 +55,26 @@ class PairedComparison:
         d["nll_interval"] = list(self.nll_interval)
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PairedComparison:
+        """The comparison back from :meth:`as_dict` (other keys are ignored)."""
+        values = {f.name: d[f.name] for f in fields(cls)}
+        values["accuracy_interval"] = tuple(values["accuracy_interval"])
+        values["nll_interval"] = tuple(values["nll_interval"])
+        return cls(**values)
+
     def describe(self, a: str = "A", b: str = "B") -> str:
         low, high = self.accuracy_interval
         pct = round(100 * self.level)
+        nll = (
+            f", NLL {self.nll_difference:+.4f} ({self.nll_interval[0]:+.4f} to {self.nll_interval[1]:+.4f})"
+            if math.isfinite(self.nll_difference)
+            else ", NLL not comparable (a label probability of 0)"
+        )
         return (
             f"{a} - {b}: {100 * self.accuracy_difference:+.2f} accuracy points ({pct}% paired bootstrap "
             f"interval {100 * low:+.2f} to {100 * high:+.2f}; right only {a}: {self.only_a}, only {b}: "
-            f"{self.only_b} of {self.n}), NLL {self.nll_difference:+.4f} "
-            f"({self.nll_interval[0]:+.4f} to {self.nll_interval[1]:+.4f})"
+            f"{self.only_b} of {self.n}){nll}"
         )
 
 
@@ -113,20 +127,25 @@ def compare_predictions(
     n, draws = len(d_right), int(draws)
     rng = np.random.default_rng(seed)
     means_right, means_nll = np.empty(draws), np.empty(draws)
+    d_nll_finite = np.where(np.isfinite(d_nll), d_nll, 0.0)
     block = max(1, _BLOCK // n)
     for start in range(0, draws, block):
         stop = min(draws, start + block)
         idx = rng.integers(0, n, size=(stop - start, n))
         means_right[start:stop] = d_right[idx].mean(1)
-        means_nll[start:stop] = d_nll[idx].mean(1)
+        means_nll[start:stop] = d_nll_finite[idx].mean(1)
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     lr, hr = np.percentile(means_right, q)
-    ln, hn = np.percentile(means_nll, q)
+    if np.isfinite(d_nll).all():
+        ln, hn = np.percentile(means_nll, q)
+        nll_difference = float(d_nll.mean())
+    else:  # a model gave some label probability 0 (e.g. a vote): its NLL is infinite
+        ln = hn = nll_difference = math.nan
     return PairedComparison(
         n=n,
         accuracy_difference=float(d_right.mean()),
         accuracy_interval=(float(lr), float(hr)),
-        nll_difference=float(d_nll.mean()),
+        nll_difference=nll_difference,
         nll_interval=(float(ln), float(hn)),
         only_a=int((right_a & ~right_b).sum()),
         only_b=int((right_b & ~right_a).sum()),
