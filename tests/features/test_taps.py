@@ -148,6 +148,21 @@ def test_unknown_tap_lists_the_closest_names_and_changes_nothing():
         TapExtractor(Untraceable(), "body.2")
 
 
+def test_unknown_tap_on_a_small_model_lists_every_name_when_none_is_close():
+    model = create_model("mlp", input_shape=(1, 8, 8), num_classes=10)
+    names = [t.name for t in taps(model, (1, 8, 8))]
+    assert 0 < len(names) <= 20
+    with pytest.raises(FeatureError) as err:
+        TapExtractor(model, "zzz")
+    message = str(err.value)
+    assert "Closest" not in message and "Available: " in message
+    assert all(repr(n) in message for n in names)
+    # a large model gets the pointer to taps() instead of a list of hundreds of names
+    with pytest.raises(FeatureError) as err:
+        TapExtractor(torchvision.models.resnet18(weights=None), "zzz")
+    assert "Available: " not in str(err.value) and "taps(model, input_shape) lists all" in str(err.value)
+
+
 def test_taps_without_torchvision_are_module_taps_read_by_hooks():
     code = textwrap.dedent(
         """

@@ -86,10 +86,21 @@ class Taps(Sequence[TapInfo]):
         return f"Taps({len(self)} taps, input_shape={self.input_shape}, method={self.method!r})"
 
 
+#: a tap error lists every name when none is close and there are at most this many
+_LIST_ALL = 20
+
+
 def unknown_tap_message(tap: str, available: Sequence[str], owner: str) -> str:
-    """'no tap X; closest: ...' with difflib's closest names and how to list all of them."""
-    close = difflib.get_close_matches(tap, list(available), n=5, cutoff=0.5)
-    hint = f" Closest available: {', '.join(map(repr, close))}." if close else ""
+    """'no tap X; closest: ...' with difflib's closest names (all names when none is close and
+    there are at most ``_LIST_ALL``) and how to list all of them with their shapes."""
+    names = list(available)
+    close = difflib.get_close_matches(tap, names, n=5, cutoff=0.5)
+    if close:
+        hint = f" Closest available: {', '.join(map(repr, close))}."
+    elif 0 < len(names) <= _LIST_ALL:
+        hint = f" Available: {', '.join(map(repr, names))}."
+    else:
+        hint = ""
     return (
         f"{owner} has no tap {tap!r}.{hint} modelfuse.features.taps(model, input_shape) lists all "
         f"{len(available)} taps with their output shapes."
