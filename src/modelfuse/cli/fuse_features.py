@@ -202,7 +202,5 @@ def run(args: argparse.Namespace) -> int:
     Console().print(table)
     if comparison is not None:
         print(result.describe(fused, comparison["against"]))
-        if not result.accuracy_significant:
-            print("  the interval includes 0: on this test split the accuracies are a tie")
     print(f"wrote {out}")
     return 0

@@ -29,8 +29,9 @@ class PairedComparison:
     """Model A minus model B on ``n`` shared samples.
 
     ``accuracy_difference``: A's accuracy minus B's (a share, not points); ``nll_difference``: A's
-    mean NLL minus B's (negative: A is better; NaN where either gives a label probability 0). Each has a ``level`` bootstrap interval. ``only_a``
-    / ``only_b``: samples only A / only B classifies right (the disagreements that decide).
+    mean NLL minus B's (negative: A is better; NaN where either gives a label probability 0).
+    Each has a ``level`` bootstrap interval. ``only_a`` / ``only_b``: samples only A / only B
+    classifies right (the disagreements that decide).
     """
 
     n: int
@@ -71,10 +72,11 @@ class PairedComparison:
             if math.isfinite(self.nll_difference)
             else ", NLL not comparable (a label probability of 0)"
         )
+        verdict = "" if self.accuracy_significant else "; in accuracy a tie: the interval includes 0"
         return (
             f"{a} - {b}: {100 * self.accuracy_difference:+.2f} accuracy points ({pct}% paired bootstrap "
             f"interval {100 * low:+.2f} to {100 * high:+.2f}; right only {a}: {self.only_a}, only {b}: "
-            f"{self.only_b} of {self.n}){nll}"
+            f"{self.only_b} of {self.n}){nll}{verdict}"
         )
 
 
@@ -126,21 +128,20 @@ def compare_predictions(
     d_nll = (F.cross_entropy(a, y, reduction="none") - F.cross_entropy(b, y, reduction="none")).numpy()
     n, draws = len(d_right), int(draws)
     rng = np.random.default_rng(seed)
-    means_right, means_nll = np.empty(draws), np.empty(draws)
-    d_nll_finite = np.where(np.isfinite(d_nll), d_nll, 0.0)
+    # a model that gives some label probability 0 (e.g. a vote) has an infinite NLL: not compared
+    nll_finite = bool(np.isfinite(d_nll).all())
+    means_right, means_nll = np.empty(draws), np.full(draws, math.nan)
     block = max(1, _BLOCK // n)
     for start in range(0, draws, block):
         stop = min(draws, start + block)
         idx = rng.integers(0, n, size=(stop - start, n))
         means_right[start:stop] = d_right[idx].mean(1)
-        means_nll[start:stop] = d_nll_finite[idx].mean(1)
+        if nll_finite:
+            means_nll[start:stop] = d_nll[idx].mean(1)
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     lr, hr = np.percentile(means_right, q)
-    if np.isfinite(d_nll).all():
-        ln, hn = np.percentile(means_nll, q)
-        nll_difference = float(d_nll.mean())
-    else:  # a model gave some label probability 0 (e.g. a vote): its NLL is infinite
-        ln = hn = nll_difference = math.nan
+    ln, hn = np.percentile(means_nll, q) if nll_finite else (math.nan, math.nan)
+    nll_difference = float(d_nll.mean()) if nll_finite else math.nan
     return PairedComparison(
         n=n,
         accuracy_difference=float(d_right.mean()),
