@@ -131,6 +131,23 @@ def test_fit_on_validation_then_evaluate(checkpoints, capsys, fit):
         assert fitted["val_nll"] == pytest.approx(np_metrics(np_log_softmax(mixture / t), y)["nll"], rel=1e-6)
         assert fitted["val_nll"] <= mean_val_nll + 1e-12  # at least as good as the plain mean on validation
     assert 0 <= fitted["accuracy"] <= 1 and fitted["nll"] > 0
+    # the fitted ensemble against the best member on the test split, from the rows' own figures
+    best = max(result["members"], key=lambda r: (r["accuracy"], -r["nll"]))
+    comparison = fitted["comparison"]
+    assert comparison["against"] == best["name"] and comparison["n"] == result["samples"]
+    assert comparison["accuracy_difference"] == pytest.approx(
+        fitted["accuracy"] - best["accuracy"], abs=1e-12
+    )
+    assert comparison["nll_difference"] == pytest.approx(fitted["nll"] - best["nll"], rel=1e-9)
+    assert comparison["only_a"] - comparison["only_b"] == round(
+        comparison["accuracy_difference"] * comparison["n"]
+    )
+    if fit != "stacking":  # the test split's mixture, in NumPy, from the fitted weights and temperature
+        test = load("digits").test
+        p_test = np.exp(np_log_softmax(np.stack([predict(m, test).double().numpy() for m in models[:3]])))
+        log_p = np_log_softmax(np.log(np.einsum("k,knc->nc", w, p_test)) / t)
+        for key, value in np_metrics(log_p, labels_of(test).numpy()).items():
+            assert fitted[key] == pytest.approx(value, rel=1e-6, abs=1e-9)
 
 
 def test_table_output(checkpoints, capsys):
@@ -144,6 +161,7 @@ def test_table_output(checkpoints, capsys):
         "fitted on val",
         "disagreement",
         "ensemble - cnn",
+        "fitted (temperature) - cnn",
         "95% paired bootstrap interval",
     ):
         assert text in out
@@ -207,6 +225,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(checkpoints, capsys, tmp_
         ([*paths[:2], "--arch", "cnn", "--weights", "0", "0"], "sum to 0"),
         ([paths[0], "--arch", "cnn", "--combine", "median"], "evaluates classifiers"),
         ([paths[0], "--arch", "cnn", "--combine", "vote", "--fit", "weights"], "leave out --combine vote"),
+        ([*paths[:2], "--arch", "cnn", "--fit", "greedy", "--split", "val"], "leave out --split val"),
         (
             [paths[0], "--arch", "cnn", "--arch-option", "width"],
             "--arch-option 'width': expected KEY=VALUE, e.g. --arch-option width=32",

@@ -98,6 +98,11 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--fit {args.fit} fits its own combination; leave out --combine {args.combine}")
     if args.fit and args.weights:
         raise ConfigError(f"--fit {args.fit} fits the weights; leave out --weights")
+    if args.fit and args.split == "val":
+        raise ConfigError(
+            f"--fit {args.fit} fits on the validation split, so evaluating it there (--split val) would "
+            "measure the fit on its own data; leave out --split val to evaluate on the test split"
+        )
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     arch_options = key_values(args.arch_option, "--arch-option", "width=32")
@@ -164,6 +169,10 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
             log_probs = fit.predict_log_proba(logits)
             fitted.update(val_nll_out_of_fold=fit.oof_nll_, val_nll_mean=fit.mean_nll_)
         fitted.update(metrics.evaluate(log_probs, labels))
+        fitted["comparison"] = {
+            "against": member_rows[best]["name"],
+            **compare_predictions(log_probs, logits[best], labels).as_dict(),
+        }
         result["fitted"] = fitted
     return result
 
@@ -222,4 +231,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"pairwise disagreement of the members: {result['disagreement']:.4f} ({result['samples']} samples)")
     comparison = PairedComparison.from_dict(result["comparison"])
     print(comparison.describe("ensemble", result["comparison"]["against"]))
+    if "fitted" in result:
+        fitted_comparison = result["fitted"]["comparison"]
+        print(
+            PairedComparison.from_dict(fitted_comparison).describe(
+                f"fitted ({result['fitted']['method']})", fitted_comparison["against"]
+            )
+        )
     return 0
