@@ -100,6 +100,13 @@ def test_fused_zoo_backbones_against_each_alone_on_digits_hard():
                 f"test {100 * right.mean():.2f}% NLL {nll.mean():.4f}"
             )
         rows.append(result)
+        # how much the branches could add to each other: test images only one of them gets right
+        v_right, r_right = result["vgg_small"][0], result["resnet_small"][0]
+        print(
+            f"seed {seed}: only resnet_small right on {int((r_right & ~v_right).sum())} test images, "
+            f"only vgg_small on {int((v_right & ~r_right).sum())}, both wrong on "
+            f"{int((~v_right & ~r_right).sum())} of {len(v_right)}"
+        )
     mean = {
         k: (np.mean([r[k][0].mean() for r in rows]), np.mean([r[k][1].mean() for r in rows])) for k in rows[0]
     }
