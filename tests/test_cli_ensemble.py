@@ -68,6 +68,15 @@ def test_members_and_mean_of_probabilities_match_numpy(checkpoints, capsys):
     preds = logits.argmax(-1)
     pairs = [(preds[i] != preds[j]).mean() for i in range(3) for j in range(i + 1, 3)]
     assert result["disagreement"] == pytest.approx(np.mean(pairs))
+    # the best member's errors that another member gets right, in NumPy
+    right = preds == y
+    nll = [np_metrics(lp, y)["nll"] for lp in log_p]
+    best = max(range(3), key=lambda i: (right[i].mean(), -nll[i]))
+    room = result["room"]
+    assert room["names"] == [p.name for p in paths[:3]] and room["best"] == best
+    assert room["best_wrong"] == int((~right[best]).sum())
+    assert room["fixable"] == int((~right[best] & np.delete(right, best, 0).any(0)).sum())
+    assert room["oracle_accuracy"] == pytest.approx(right.any(0).mean())
     assert result["samples"] == len(y)
     # the paired comparison with the best member (highest accuracy, then lowest NLL), from NumPy
     rows = result["members"]
@@ -160,6 +169,7 @@ def test_table_output(checkpoints, capsys):
         "ensemble: mean_prob",
         "fitted on val",
         "disagreement",
+        "room for fusion: cnn",
         "ensemble - cnn",
         "fitted (temperature) - cnn",
         "95% paired bootstrap interval",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelfuse.errors import ConfigError
-from modelfuse.zoo import compare_predictions
+from modelfuse.zoo import FusionRoom, compare_predictions, room_for_fusion
 
 
 def one_hot_logits(predicted, classes=3, scale=4.0):
@@ -157,3 +157,63 @@ def test_a_label_probability_of_zero_leaves_accuracy_comparable_and_nll_undefine
     assert "NLL not comparable" in c.describe()
     back = type(c).from_dict({**c.as_dict(), "against": "other"})
     assert back.accuracy_interval == c.accuracy_interval and back.only_b == 2
+
+
+def test_room_for_fusion_by_hand():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    #                  right on:   0  1  2  3  4  5
+    a = one_hot_logits([0, 1, 2, 0, 0, 0])  # 4 of 6, wrong on 4 and 5
+    b = one_hot_logits([1, 1, 2, 1, 1, 0])  # 3 of 6, right on 4
+    c = one_hot_logits([1, 0, 2, 1, 0, 0])  # 1 of 6
+    room = room_for_fusion([c, a, b], labels, names=["c", "a", "b"])
+    assert (room.best, room.best_name, room.n) == (1, "a", 6)
+    assert room.accuracies == pytest.approx((1 / 6, 4 / 6, 3 / 6))
+    assert (room.best_wrong, room.fixable) == (2, 1)  # sample 5: nobody right
+    assert room.oracle_accuracy == pytest.approx(5 / 6)
+    assert "a is wrong on 2 of 6 samples and another model is right on 1 of them" in room.describe()
+    assert FusionRoom.from_dict(room.as_dict()) == room
+    # a (K, N, C) tensor works the same, with default names; equal accuracy goes to the lower NLL:
+    # the same predictions made twice as sharp cost 2 x 8 nats on the two errors instead of 2 x 4
+    sharper = one_hot_logits([0, 1, 2, 0, 0, 0], scale=8.0)
+    tied = room_for_fusion(torch.stack([sharper, a]), labels)
+    assert (tied.best_name, tied.fixable, tied.oracle_accuracy) == ("model 1", 0, pytest.approx(4 / 6))
+
+
+def test_room_for_fusion_equals_numpy_on_random_models():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 400)
+    logits = [rng.normal(size=(400, 5)) + 2.0 * k * np.eye(5)[labels] for k in range(4)]
+    room = room_for_fusion([torch.as_tensor(z) for z in logits], torch.as_tensor(labels))
+    right = np.stack([z.argmax(1) == labels for z in logits])
+    best = int(np.argmax(right.mean(1)))
+    assert room.best == best and room.accuracies == pytest.approx(tuple(right.mean(1)))
+    assert room.best_wrong == int((~right[best]).sum())
+    assert room.fixable == int((~right[best] & np.delete(right, best, 0).any(0)).sum())
+    assert room.oracle_accuracy == pytest.approx(right.any(0).mean())
+
+
+@pytest.mark.parametrize(
+    ("models", "labels", "names", "message"),
+    [
+        ([torch.zeros(3, 2)], torch.tensor([0, 1, 0]), None, "at least 2 models"),
+        ([torch.zeros(3, 2), torch.zeros(3, 2)], torch.tensor([0, 1, 0]), ["a", "a"], "one distinct name"),
+        ([torch.zeros(3, 2), torch.zeros(3, 2)], torch.tensor([0, 1, 0]), ["a"], "one distinct name"),
+        (
+            [torch.zeros(3, 2), torch.zeros(3, 3)],
+            torch.tensor([0, 1, 0]),
+            ["a", "b"],
+            "a and b differ in shape",
+        ),
+        ([torch.zeros(3, 2), torch.zeros(3, 2)], torch.tensor([0, 1, 2]), None, "labels must lie in [0, 2)"),
+        (
+            [torch.zeros(3, 2), torch.zeros(4, 2)],
+            torch.tensor([0, 1, 0]),
+            ["a", "b"],
+            "b must be (samples, classes)",
+        ),
+    ],
+)
+def test_room_for_fusion_bad_inputs(models, labels, names, message):
+    with pytest.raises(ConfigError) as err:
+        room_for_fusion(models, labels, names=names)
+    assert message in str(err.value)

@@ -93,6 +93,16 @@ def test_written_model_reproduces_the_reported_figures(backbones, tmp_path, caps
     )
     low, high = comparison["accuracy_interval"]
     assert low <= comparison["accuracy_difference"] <= high
+    # how many of the best branch's errors the other branch gets right, consistent with the rows
+    room = report["room"]
+    assert written["room"] == room and room["names"] == list(alone) and room["n"] == n
+    assert room["accuracies"] == pytest.approx([alone[k]["test_accuracy"] for k in alone], abs=1e-6)
+    assert room["names"][room["best"]] == best
+    assert room["best_wrong"] == round((1 - alone[best]["test_accuracy"]) * n)
+    assert 0 <= room["fixable"] <= room["best_wrong"]
+    assert room["oracle_accuracy"] == pytest.approx(
+        alone[best]["test_accuracy"] + room["fixable"] / n, abs=1e-6
+    )
 
 
 def test_table_output_and_refusal_to_overwrite(backbones, tmp_path, capsys):
@@ -101,7 +111,7 @@ def test_table_output_and_refusal_to_overwrite(backbones, tmp_path, capsys):
     assert main(["fuse-features", str(recipe), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "fused (concat)" in printed
-    assert "paired bootstrap" not in printed  # no branches alone to compare with (compare: false)
+    assert "paired bootstrap" not in printed and "room for fusion" not in printed  # compare: false
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert main(["fuse-features", str(recipe), "-o", str(out)]) == 2
     assert "exists already" in capsys.readouterr().err
@@ -112,6 +122,7 @@ def test_table_output_and_refusal_to_overwrite(backbones, tmp_path, capsys):
     assert main(["fuse-features", str(compared), "-o", str(tmp_path / "compared")]) == 0
     printed = capsys.readouterr().out
     assert "a alone" in printed and "b alone" in printed
+    assert re.search(r"room for fusion: [ab] alone is wrong on \d+ of \d+ samples and another model", printed)
     assert re.search(
         r"fused \(concat\) - [ab] alone: [+-]\d+\.\d\d accuracy points \(95% paired bootstrap", printed
     )

@@ -79,7 +79,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     )
     from modelfuse.errors import ConfigError
     from modelfuse.io import load_into
-    from modelfuse.zoo import build_architecture, compare_predictions, predict
+    from modelfuse.zoo import build_architecture, compare_predictions, predict, room_for_fusion
 
     paths = [Path(p) for p in args.checkpoints]
     archs = list(args.arch)
@@ -145,8 +145,17 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
         "disagreement": metrics.disagreement(logits.argmax(-1)),
         "ensemble": {"combine": args.combine, **metrics.evaluate(ensemble_log_probs, labels)},
     }
-    # is the ensemble really better than its best member (highest accuracy, then lowest NLL)?
-    best = min(range(len(member_rows)), key=lambda i: (-member_rows[i]["accuracy"], member_rows[i]["nll"]))
+    # is the ensemble really better than its best member (highest accuracy, then lowest NLL), and
+    # how many of that member's errors do the others get right?
+    names = [r["name"] for r in member_rows]
+    if len(set(names)) < len(names):  # the same file name in two folders, or one file twice
+        names = [f"{i}: {r['path']}" for i, r in enumerate(member_rows)]
+    if len(member_rows) > 1:
+        room = room_for_fusion(logits, labels, names=names)
+        result["room"] = room.as_dict()
+        best = room.best
+    else:
+        best = 0
     comparison = compare_predictions(ensemble_log_probs, logits[best], labels)
     result["comparison"] = {"against": member_rows[best]["name"], **comparison.as_dict()}
     for row, w in zip(member_rows, ensemble.weights.tolist()):
@@ -196,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from modelfuse.zoo import PairedComparison
+    from modelfuse.zoo import FusionRoom, PairedComparison
 
     result = evaluate_checkpoints(args)
     if args.json:
@@ -229,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(f"fitted on val: {fitted['method']}{extra}", "", *cells(fitted), style="bold")
     Console().print(table)
     print(f"pairwise disagreement of the members: {result['disagreement']:.4f} ({result['samples']} samples)")
+    if "room" in result:
+        print(FusionRoom.from_dict(result["room"]).describe())
     comparison = PairedComparison.from_dict(result["comparison"])
     print(comparison.describe("ensemble", result["comparison"]["against"]))
     if "fitted" in result:

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from modelfuse.data.splits import labels_of
     from modelfuse.features.recipe import load_feature_recipe
     from modelfuse.io import CheckpointWriter
-    from modelfuse.zoo import compare_predictions
+    from modelfuse.zoo import compare_predictions, room_for_fusion
 
     recipe = load_feature_recipe(args.recipe)
     inputs = [b.weights for b in recipe.branches if b.weights] + [args.recipe]
@@ -164,12 +164,13 @@ def run(args: argparse.Namespace) -> int:
             )
     fused = f"fused ({recipe.fuse})"
     model, rows[fused], fused_logits = fuse_and_train(recipe, branches, splits, args.device)
-    comparison = None
+    comparison = room = None
     if alone_logits:
-        # against the best branch alone: highest test accuracy, then lowest NLL
-        best = min(alone_logits, key=lambda n: (-rows[n]["test_accuracy"], rows[n]["test_nll"]))
-        result = compare_predictions(fused_logits, alone_logits[best], labels_of(splits.test))
-        comparison = {"fused": fused, "against": best, **result.as_dict()}
+        # against the best branch alone (highest test accuracy, then lowest NLL), and how many of
+        # its errors the other branches get right
+        room = room_for_fusion(list(alone_logits.values()), labels_of(splits.test), names=list(alone_logits))
+        result = compare_predictions(fused_logits, alone_logits[room.best_name], labels_of(splits.test))
+        comparison = {"fused": fused, "against": room.best_name, **result.as_dict()}
     with writer:
         for name, tensor in model.state_dict().items():
             writer.add(name, tensor.detach().cpu().contiguous())
@@ -179,9 +180,12 @@ def run(args: argparse.Namespace) -> int:
         }
         if comparison is not None:
             metrics["comparison"] = comparison
+            metrics["room"] = room.as_dict()
         writer.write_json("metrics.json", metrics)
     if args.json:
-        print(json.dumps({"output": str(out), "models": rows, "comparison": comparison}, indent=1))
+        report = {"output": str(out), "models": rows, "comparison": comparison}
+        report["room"] = room.as_dict() if room is not None else None
+        print(json.dumps(report, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -201,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     if comparison is not None:
+        print(room.describe())
         print(result.describe(fused, comparison["against"]))
     print(f"wrote {out}")
     return 0

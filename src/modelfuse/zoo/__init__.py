@@ -6,7 +6,8 @@
 - ``train(model, data, epochs=..., seed=...)``, ``evaluate``, ``predict``: the training
   loop every part of modelfuse that learns goes through.
 - ``compare_predictions(logits_a, logits_b, labels)``: whether A really beats B on the same test
-  samples (paired bootstrap intervals of the accuracy and NLL differences).
+  samples (paired bootstrap intervals of the accuracy and NLL differences);
+  ``room_for_fusion(logits, labels)``: how many of the best model's errors the others get right.
 - ``build_pool`` / ``build_finetune_pool``: K trained models (from K seeds, or fine-tuned
   from one shared base on K tasks), cached on disk keyed by everything that made them.
 """
@@ -14,7 +15,7 @@
 from __future__ import annotations
 
 from modelfuse.zoo import models as _models
-from modelfuse.zoo.compare import PairedComparison, compare_predictions
+from modelfuse.zoo.compare import FusionRoom, PairedComparison, compare_predictions, room_for_fusion
 from modelfuse.zoo.models import MLP, BasicBlock, ConvBlock, ConvNet, ResNet
 from modelfuse.zoo.pool import Pool, build_finetune_pool, build_pool, code_hash, member_key, member_spec
 from modelfuse.zoo.registry import (
@@ -45,6 +46,7 @@ __all__ = [
     "Callback",
     "ConvBlock",
     "ConvNet",
+    "FusionRoom",
     "ModelInfo",
     "PairedComparison",
     "Pool",
@@ -67,5 +69,6 @@ __all__ = [
     "model_info",
     "predict",
     "register_model",
+    "room_for_fusion",
     "train",
 ]

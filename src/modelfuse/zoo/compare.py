@@ -80,6 +80,28 @@ class PairedComparison:
         )
 
 
+def _checked(logits: Mapping[str, Any], labels: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The named logits as float64 (N, C) tensors of one shape, and the labels as int64 (N,)."""
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.shape[0] == 0 or torch.is_floating_point(y):
+        raise ConfigError(
+            f"labels must be a non-empty 1-D integer tensor; found shape {tuple(y.shape)}, {y.dtype}"
+        )
+    tensors = [_check(name, value, y) for name, value in logits.items()]
+    names = list(logits)
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.shape != tensors[0].shape:
+            raise ConfigError(
+                f"{names[0]} and {name} differ in shape: {tuple(tensors[0].shape)} against {tuple(t.shape)}"
+            )
+    classes = tensors[0].shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise ConfigError(
+            f"labels must lie in [0, {classes}) for {classes} classes; found {int(y.min())}..{int(y.max())}"
+        )
+    return tensors, y.long()
+
+
 def _check(name: str, logits: Any, labels: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(logits)
     if t.dim() != 2 or t.shape[0] != labels.shape[0]:
@@ -106,23 +128,11 @@ def compare_predictions(
     One seeded bootstrap resamples the samples ``draws`` times; both differences use the same
     resamples, so the intervals are paired. Same inputs and seed give the same result.
     """
-    y = torch.as_tensor(labels)
-    if y.dim() != 1 or y.shape[0] == 0 or torch.is_floating_point(y):
-        raise ConfigError(
-            f"labels must be a non-empty 1-D integer tensor; found shape {tuple(y.shape)}, {y.dtype}"
-        )
     if not 0.0 < float(level) < 1.0:
         raise ConfigError(f"level must be in (0, 1), e.g. 0.95; found {level}")
     if int(draws) < 1:
         raise ConfigError(f"draws must be a positive number of bootstrap resamples; found {draws}")
-    a, b = _check("logits_a", logits_a, y), _check("logits_b", logits_b, y)
-    if a.shape != b.shape:
-        raise ConfigError(f"logits_a and logits_b differ in shape: {tuple(a.shape)} against {tuple(b.shape)}")
-    y = y.long()
-    if int(y.min()) < 0 or int(y.max()) >= a.shape[1]:
-        raise ConfigError(
-            f"labels must lie in [0, {a.shape[1]}) for {a.shape[1]} classes; found {int(y.min())}..{int(y.max())}"
-        )
+    (a, b), y = _checked({"logits_a": logits_a, "logits_b": logits_b}, labels)
     right_a, right_b = (a.argmax(1) == y).numpy(), (b.argmax(1) == y).numpy()
     d_right = right_a.astype(np.float64) - right_b
     d_nll = (F.cross_entropy(a, y, reduction="none") - F.cross_entropy(b, y, reduction="none")).numpy()
@@ -152,4 +162,80 @@ def compare_predictions(
         only_b=int((right_b & ~right_a).sum()),
         level=float(level),
         draws=draws,
+    )
+
+
+@dataclass(frozen=True)
+class FusionRoom:
+    """How much several models could add to the best of them, on ``n`` shared samples.
+
+    ``best`` (index) / ``best_name``: the most accurate model (ties: the lower NLL);
+    ``best_wrong``: samples it gets wrong; ``fixable``: those of them some other model gets
+    right; ``oracle_accuracy``: the share of samples some model gets right (the accuracy of a
+    combination that always picked a right model, an upper bound for fusing their predictions).
+    """
+
+    n: int
+    names: tuple[str, ...]
+    accuracies: tuple[float, ...]
+    best: int
+    best_wrong: int
+    fixable: int
+    oracle_accuracy: float
+
+    @property
+    def best_name(self) -> str:
+        return self.names[self.best]
+
+    def describe(self) -> str:
+        best = self.best_name
+        return (
+            f"room for fusion: {best} is wrong on {self.best_wrong} of {self.n} samples and another model "
+            f"is right on {self.fixable} of them (oracle accuracy {100 * self.oracle_accuracy:.2f}% against "
+            f"{best}'s {100 * self.accuracies[self.best]:.2f}%)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["names"], d["accuracies"] = list(self.names), list(self.accuracies)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FusionRoom:
+        """The room back from :meth:`as_dict` (other keys are ignored)."""
+        values = {f.name: d[f.name] for f in fields(cls)}
+        values["names"], values["accuracies"] = tuple(values["names"]), tuple(values["accuracies"])
+        return cls(**values)
+
+
+def room_for_fusion(logits: Any, labels: Any, names: Any = None) -> FusionRoom:
+    """The most accurate of several models' ``(N, C)`` logits on the same ``N`` samples, and how
+    many of its errors the others get right (see :class:`FusionRoom`).
+
+    ``logits``: a sequence of ``(N, C)`` logits, or a ``(K, N, C)`` tensor; ``names``: one per
+    model (default ``model 0``, ``model 1``, ...). Few fixable samples mean that no fusion of
+    these models can gain much over the best one.
+    """
+    models = list(logits)
+    if len(models) < 2:
+        raise ConfigError(f"room_for_fusion needs at least 2 models' logits; found {len(models)}")
+    names = [f"model {i}" for i in range(len(models))] if names is None else [str(n) for n in names]
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"room_for_fusion needs one distinct name per model; found {names} for {len(models)} models"
+        )
+    tensors, y = _checked(dict(zip(names, models)), labels)
+    right = torch.stack([t.argmax(1) == y for t in tensors])  # (K, N)
+    accuracies = right.double().mean(1)
+    nlls = torch.stack([F.cross_entropy(t, y) for t in tensors])
+    best = min(range(len(tensors)), key=lambda i: (-float(accuracies[i]), float(nlls[i])))
+    others = torch.cat([right[:best], right[best + 1 :]]).any(0)
+    return FusionRoom(
+        n=int(y.shape[0]),
+        names=tuple(names),
+        accuracies=tuple(float(a) for a in accuracies),
+        best=best,
+        best_wrong=int((~right[best]).sum()),
+        fixable=int((~right[best] & others).sum()),
+        oracle_accuracy=float(right.any(0).double().mean()),
     )
