@@ -101,16 +101,12 @@ def demo_rows(members: int, epochs: int, seed: int, cache: bool = True) -> DemoR
     def model_row(level: str, name: str, model: torch.nn.Module) -> DemoRow:
         return row(level, name, torch.log_softmax(predict(model, data.test).double(), dim=1))
 
+    def mean_row(level: str, name: str, of: list[DemoRow]) -> DemoRow:
+        return DemoRow(level, name, sum(r.accuracy for r in of) / len(of), sum(r.nll for r in of) / len(of))
+
     logits = torch.stack([predict(m, data.test).double() for m in pool.members])  # (K, N, classes)
     rows = [row("members", f"member seed={s}", torch.log_softmax(z, dim=1)) for s, z in zip(seeds, logits)]
-    rows.append(
-        DemoRow(
-            "members",
-            "members' mean",
-            sum(r.accuracy for r in rows) / len(rows),
-            sum(r.nll for r in rows) / len(rows),
-        )
-    )
+    rows.append(mean_row("members", "members' mean", rows))
     # output fusion: on the cached member predictions
     rows.append(
         row("output", "ensemble: mean of probabilities", Ensemble(pool.members).combine_outputs(logits))
@@ -155,16 +151,8 @@ def demo_rows(members: int, epochs: int, seed: int, cache: bool = True) -> DemoR
     finetuned = build_finetune_pool(
         DEMO_ARCH, data, tasks, pretrain_epochs=epochs, finetune_epochs=short, seed=seed, cache=cache
     )
-    ft_logits = torch.stack([predict(m, data.test).double() for m in finetuned.members])
-    ft_rows = [row("parameter", "", torch.log_softmax(z, dim=1)) for z in ft_logits]
-    rows.append(
-        DemoRow(
-            "parameter",
-            f"{members} fine-tunes of one base: mean",
-            sum(r.accuracy for r in ft_rows) / len(ft_rows),
-            sum(r.nll for r in ft_rows) / len(ft_rows),
-        )
-    )
+    tuned = [model_row("parameter", "", m) for m in finetuned.members]
+    rows.append(mean_row("parameter", f"{members} fine-tunes of one base: mean", tuned))
     soup = create_model(DEMO_ARCH, input_shape=data.input_shape, num_classes=data.num_classes)
     soup.load_state_dict(merge_state_dicts("linear", finetuned.members))
     models["soup"] = soup
