@@ -54,6 +54,10 @@ def test_demo_rows_match_independent_computations():
     for lp, row in zip(log_p, rows):
         assert (row.accuracy, row.nll) == pytest.approx(np_figures(lp, labels), rel=1e-9)
     assert rows[3].accuracy == pytest.approx(np.mean([r.accuracy for r in rows[:3]]))
+    right = np.stack([lp.argmax(1) == labels for lp in log_p])
+    best = max(range(3), key=lambda i: (right[i].mean(), -rows[i].nll))
+    assert result.room.best_name == f"seed={best}"
+    assert result.room.fixable == int((~right[best] & np.delete(right, best, 0).any(0)).sum())
     probs = np.exp(np.stack(log_p))
     mean = by_name["ensemble: mean of probabilities"]
     assert (mean.accuracy, mean.nll) == pytest.approx(np_figures(np.log(probs.mean(0)), labels), rel=1e-9)
@@ -92,7 +96,9 @@ def test_demo_rows_match_independent_computations():
 
 
 def test_a_demo_of_one_member_fuses_to_that_member():
-    rows = {r.name: r for r in demo_rows(members=1, epochs=2, seed=7).rows}
+    result = demo_rows(members=1, epochs=2, seed=7)
+    rows = {r.name: r for r in result.rows}
+    assert result.room is None  # nothing to add to a single model
     member = rows["member seed=7"]
     assert "stitched" not in " ".join(rows)  # stitching needs two members
     ensemble = rows["ensemble: mean of probabilities"]
@@ -118,6 +124,7 @@ def test_demo_command_from_an_empty_cache_within_three_minutes(tmp_path):
     assert float(ensemble.group(1)) >= 95.0
     for level in ("output", "feature", "structure", "parameter"):  # every available fusion level
         assert re.search(rf"│ {level}\s+│", out.stdout), (level, out.stdout)
+    assert re.search(r"room for fusion: seed=\d is wrong on \d+ of 359 samples", out.stdout), out.stdout
     soup = re.search(r"model soup of the 5 fine-tunes\s*│\s*([\d.]+)%", out.stdout)
     assert soup is not None and float(soup.group(1)) >= 95.0, out.stdout
 

@@ -40,7 +40,8 @@ class DemoResult:
     """The rows, and what they were computed from (for inspection and tests): the seed pool
     and its test ``logits`` (K, N, C), the fitted ensemble weights and temperature, and the
     fused models by row key (``student``, ``features``, ``stitched``, ``soup``), with the
-    fine-tuned pool the soup averages."""
+    fine-tuned pool the soup averages, and the seed pool's :class:`~modelfuse.zoo.FusionRoom`
+    (None for one member)."""
 
     rows: list[DemoRow]
     pool: Any
@@ -49,6 +50,7 @@ class DemoResult:
     fitted_temperature: float
     models: dict[str, Any] = field(default_factory=dict)
     finetune_pool: Any = None
+    room: Any = None
 
 
 def add_parser(sub: Any) -> None:
@@ -83,7 +85,7 @@ def demo_rows(members: int, epochs: int, seed: int, cache: bool = True) -> DemoR
     from modelfuse.features import Branch, FeatureFusion, fit_feature_fusion
     from modelfuse.merge import merge_state_dicts
     from modelfuse.structure import stitch_models
-    from modelfuse.zoo import build_finetune_pool, build_pool, create_model, predict
+    from modelfuse.zoo import build_finetune_pool, build_pool, create_model, predict, room_for_fusion
 
     if members < 1:
         raise ConfigError(f"--members must be at least 1, got {members}")
@@ -157,7 +159,9 @@ def demo_rows(members: int, epochs: int, seed: int, cache: bool = True) -> DemoR
     soup.load_state_dict(merge_state_dicts("linear", finetuned.members))
     models["soup"] = soup
     rows.append(model_row("parameter", f"model soup of the {members} fine-tunes", soup))
+    room = room_for_fusion(logits, labels, names=[f"seed={s}" for s in seeds]) if members > 1 else None
     return DemoResult(
+        room=room,
         rows=rows,
         pool=pool,
         logits=logits,
@@ -195,5 +199,7 @@ def run(args: argparse.Namespace) -> int:
         )
         level = row.level
     Console().print(table)
+    if result.room is not None:
+        print(result.room.describe())
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
