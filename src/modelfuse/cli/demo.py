@@ -38,14 +38,13 @@ class DemoRow:
 @dataclass
 class DemoResult:
     """The rows, and what they were computed from (for inspection and tests): the seed pool
-    and its test ``logits`` (K, N, C), the fitted ensemble weights and temperature, and the
+    (its test predictions come from ``predict``), the fitted ensemble weights and temperature, and the
     fused models by row key (``student``, ``features``, ``stitched``, ``soup``), with the
     fine-tuned pool the soup averages, and the seed pool's :class:`~modelfuse.zoo.FusionRoom`
     (None for one member)."""
 
     rows: list[DemoRow]
     pool: Any
-    logits: Any
     fitted_weights: list[float]
     fitted_temperature: float
     models: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +163,6 @@ def demo_rows(members: int, epochs: int, seed: int, cache: bool = True) -> DemoR
         room=room,
         rows=rows,
         pool=pool,
-        logits=logits,
         fitted_weights=fit.weights_.tolist(),
         fitted_temperature=float(fit.temperature_),
         models=models,

@@ -53,9 +53,8 @@ def build_branches(recipe: Any, splits: Any) -> list[Any]:
     for i, spec in enumerate(recipe.branches):
         label = f"branches[{i}]" + (f" ({spec.name})" if spec.name else "")
         try:
-            with torch.random.fork_rng(
-                devices=[]
-            ):  # an untrained backbone's weights follow the recipe's seed
+            # an untrained backbone's weights follow the recipe's seed
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(recipe.train.seed) + i)
                 model = build_architecture(
                     spec.model,
@@ -168,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     if alone_logits:
         # against the best branch alone (highest test accuracy, then lowest NLL), and how many of
         # its errors the other branches get right
-        room = room_for_fusion(list(alone_logits.values()), labels_of(splits.test), names=list(alone_logits))
-        result = compare_predictions(fused_logits, alone_logits[room.best_name], labels_of(splits.test))
+        test_labels = labels_of(splits.test)
+        room = room_for_fusion(list(alone_logits.values()), test_labels, names=list(alone_logits))
+        result = compare_predictions(fused_logits, alone_logits[room.best_name], test_labels)
         comparison = {"fused": fused, "against": room.best_name, **result.as_dict()}
     with writer:
         for name, tensor in model.state_dict().items():
@@ -183,9 +183,12 @@ def run(args: argparse.Namespace) -> int:
             metrics["room"] = room.as_dict()
         writer.write_json("metrics.json", metrics)
     if args.json:
-        report = {"output": str(out), "models": rows, "comparison": comparison}
-        report["room"] = room.as_dict() if room is not None else None
-        print(json.dumps(report, indent=1))
+        room_dict = room.as_dict() if room is not None else None
+        print(
+            json.dumps(
+                {"output": str(out), "models": rows, "comparison": comparison, "room": room_dict}, indent=1
+            )
+        )
         return 0
     from rich.console import Console
     from rich.table import Table
