@@ -81,13 +81,12 @@ def build_branches(recipe: Any, splits: Any) -> list[Any]:
 
 
 def fuse_and_train(
-    recipe: Any, branches: list[Any], splits: Any, device: str
+    recipe: Any, branches: list[Any], splits: Any, test_labels: torch.Tensor, device: str
 ) -> tuple[Any, dict[str, Any], torch.Tensor]:
     """Build the FeatureFusion of ``branches`` as the recipe says, train it, and return it with its
-    test metrics and its test logits."""
+    test metrics (against ``test_labels``, the labels of ``splits.test``) and its test logits."""
     import torch.nn.functional as F
 
-    from modelfuse.data.splits import labels_of
     from modelfuse.features import FeatureFusion, fit_feature_fusion
     from modelfuse.zoo import predict
 
@@ -121,12 +120,11 @@ def fuse_and_train(
         schedule=t.schedule,
     )
     logits = predict(model, splits.test, device=device).float()
-    labels = labels_of(splits.test)
     return (
         model,
         {
-            "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
-            "test_nll": float(F.cross_entropy(logits, labels)),
+            "test_accuracy": float((logits.argmax(1) == test_labels).float().mean()),
+            "test_nll": float(F.cross_entropy(logits, test_labels)),
             "cached": fit.cached,
             "seconds": fit.result.seconds + fit.cache_seconds,
             "history": fit.history,
@@ -153,21 +151,21 @@ def run(args: argparse.Namespace) -> int:
     writer.check()  # before any training: an existing output or an input in the way fails now
     splits = mf_data.load(recipe.data.name, **recipe.data.options)
     branches = build_branches(recipe, splits)
+    test_labels = labels_of(splits.test)  # read once: a dataset without targets loads every sample
     rows: dict[str, dict[str, Any]] = {}
     alone_logits: dict[str, torch.Tensor] = {}
     if recipe.compare and len(branches) > 1:
         for branch in branches:
             name = f"{branch.name or branch.tap} alone"
             _, rows[name], alone_logits[name] = fuse_and_train(
-                recipe, [copy.deepcopy(branch)], splits, args.device
+                recipe, [copy.deepcopy(branch)], splits, test_labels, args.device
             )
     fused = f"fused ({recipe.fuse})"
-    model, rows[fused], fused_logits = fuse_and_train(recipe, branches, splits, args.device)
+    model, rows[fused], fused_logits = fuse_and_train(recipe, branches, splits, test_labels, args.device)
     comparison = room = None
     if alone_logits:
         # against the best branch alone (highest test accuracy, then lowest NLL), and how many of
         # its errors the other branches get right
-        test_labels = labels_of(splits.test)
         room = room_for_fusion(list(alone_logits.values()), test_labels, names=list(alone_logits))
         result = compare_predictions(fused_logits, alone_logits[room.best_name], test_labels)
         comparison = {"fused": fused, "against": room.best_name, **result.as_dict()}
