@@ -27,7 +27,7 @@ from modelfuse.merge.methods import ram as ram_mod  # noqa: F401
 from modelfuse.merge.methods import sce as sce_mod  # noqa: F401
 from modelfuse.merge.methods import ties as ties_mod  # noqa: F401
 from modelfuse.merge.methods._base import get_method
-from modelfuse.merge.methods._sparsify import (
+from modelfuse.merge.methods._sparsifiers import (
     drop_by_rank,
     drop_random,
     largest_magnitudes,
@@ -425,7 +425,7 @@ def test_splitmix_reference_matches_the_published_sequence():
 
 
 def test_draws_are_splitmix_blocks_on_any_device_path():
-    from modelfuse.merge.methods._sparsify import uniforms
+    from modelfuse.merge.methods._random import uniforms
 
     want = splitmix_uniforms(2**62 + 12345, 1000)
     np.testing.assert_array_equal(uniforms(2**62 + 12345, 0, 1000).numpy(), want)
@@ -816,11 +816,10 @@ def test_shape_mismatch_is_a_config_error():
 def test_index_tie_break_is_a_stable_sort(seed, block, monkeypatch):
     """tie_break="index" keeps what NumPy's stable argsort keeps, on tie-heavy magnitudes,
     whatever the block size (equal entries at a cut are counted across blocks)."""
-    from modelfuse.merge.methods import _sparsify
-    from modelfuse.merge.methods._sparsify import largest_magnitudes, magnitude_window
+    from modelfuse.merge.methods import _task_vectors
 
     if block is not None:
-        monkeypatch.setattr(_sparsify, "BLOCK", block)
+        monkeypatch.setattr(_task_vectors, "BLOCK", block)
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 400))
     mags = rng.integers(0, 5, size=n).astype(np.float32) * 0.25
@@ -856,7 +855,7 @@ def test_index_tie_break_changes_only_equal_magnitudes_at_the_cut():
 
 @pytest.mark.parametrize("elect", [True, False])
 def test_blockwise_merge_equals_whole_tensor_merge(elect):
-    from modelfuse.merge.methods._sparsify import merge_deltas
+    from modelfuse.merge.methods._engine import merge_deltas
 
     g = torch.Generator().manual_seed(3)
     base = torch.randn(13, 11, generator=g)
@@ -885,14 +884,14 @@ def test_blockwise_merge_equals_whole_tensor_merge(elect):
 def test_blocks_give_the_bytes_of_one_whole_tensor_pass(name, per_model, shared, shape, monkeypatch):
     """Statistics and merge run in blocks: any block size gives the same result, bit for bit
     (random streams continue across blocks, tie counts too; DELLA's blocks hold whole rows)."""
-    from modelfuse.merge.methods import _sparsify
+    from modelfuse.merge.methods import _task_vectors
 
     g = torch.Generator().manual_seed(4)
     base = torch.randn(shape, generator=g)
     xs = [base + torch.randint(-3, 4, shape, generator=g).float() * 0.25 for _ in range(3)]
     outs = []
     for block in (1 << 30, 1, 5, 16):
-        monkeypatch.setattr(_sparsify, "BLOCK", block)
+        monkeypatch.setattr(_task_vectors, "BLOCK", block)
         method = get_method(name)
         outs.append(
             method(xs, base, models=[per_model] * 3, generator=torch.Generator().manual_seed(9), **shared)
@@ -937,10 +936,10 @@ def test_kernels_give_the_bytes_of_the_torch_blocks(
     on tie-heavy deltas (a grid: equal magnitudes straddle the cuts, across kernel blocks)
     and on continuous ones, with positive, negative and cancelling weights; with the
     magnitudes' high halves kept between the passes and recomputed (large tensors)."""
-    from modelfuse.merge.methods import _kernels, _sparsify
+    from modelfuse.merge.methods import _kernel_engine, _kernels
 
     if not store:
-        monkeypatch.setattr(_sparsify, "_KERNEL_HIGH_STORE", 0)
+        monkeypatch.setattr(_kernel_engine, "_KERNEL_HIGH_STORE", 0)
 
     rng = np.random.default_rng(hash((name, n_models, shape, grid)) % 2**32)
     base = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))

@@ -1,8 +1,8 @@
 /* CPU kernels for the sparsifying merges (see _kernels.py, which loads this library with
  * ctypes and documents what each function computes).
  *
- * Every function does the IEEE float32 operations of the torch path in _sparsify.py, in
- * the same order per entry, so the results are the same bytes. Hence: no -ffast-math, and
+ * Every function does the IEEE float32 operations of the torch path (_engine.py,
+ * _sparsifiers.py) in the same order per entry, so the results are the same bytes. Hence: no -ffast-math, and
  * no contraction of a * b + c into a fused multiply-add (setup.py compiles with
  * -ffp-contract=off). Loops run over blocks of KBLOCK entries whose per-model buffers stay
  * in L1/L2; the compiler vectorises the elementwise loops for AVX-512 (x86-64-v4) or AVX2
@@ -90,7 +90,7 @@ enum { KEEP_ALL = 0, KEEP_CUT = 1, KEEP_RANDOM = 3, KEEP_RANK = 4, KEEP_MASK = 5
 enum { RESCALE_NONE = 0, RESCALE_DIVIDE = 1, RESCALE_FACTOR = 2 };
 
 /* Output j of SplitMix64 seeded `seed`, top 24 bits on the float32 grid of [0, 1)
- * (_sparsify.uniforms). */
+ * (_random.uniforms). */
 MF_INLINE float uniform(uint64_t seed, int64_t j) {
     uint64_t z = seed + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -524,11 +524,12 @@ int mf_keep_norms(const float *x, const float *base, int64_t n, const int64_t *r
     return 0;
 }
 
-/* merge_block of _sparsify.py on [a, a + m): sum, elected sign, agreeing sum and divisor. */
+/* merge_block of _engine.py on [a, a + m): sum, elected sign, agreeing sum and divisor. */
 MF_INLINE void merge_block(const float *u, int64_t blk, int64_t n_models, const float *base, float *out, float *s, float *acc,
                                float *div, const float *w, int64_t a, int64_t m, int elect, int normalize,
                                int positive, float total, float lam) {
-    for (int64_t j = 0; j < m; j++) s[j] = u[j];
+    /* torch.sum starts from +0: 0 + u_0 + u_1 + ..., so a sum of -0s is +0, as there */
+    for (int64_t j = 0; j < m; j++) s[j] = 0.0f + u[j];
     for (int64_t i = 1; i < n_models; i++) {
         const float *ui = u + i * blk;
         for (int64_t j = 0; j < m; j++) s[j] += ui[j];

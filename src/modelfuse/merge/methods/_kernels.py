@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the sparsifying merges: the same arithmetic as the torch blocks
-in ``_sparsify``, fused into one pass per step.
+in ``_engine`` and ``_sparsifiers``, fused into one pass per step.
 
 Torch runs each elementwise step of a block as its own pass (subtract, abs, compare, mask,
 multiply, sum, sign, ...), about twenty per model and block. These kernels (C, in

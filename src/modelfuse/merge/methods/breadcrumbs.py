@@ -6,15 +6,8 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods._sparsify import (
-    KeepAll,
-    Rescale,
-    Sparsifier,
-    TieBreak,
-    WeightDensity,
-    Window,
-    gta_merge,
-)
+from modelfuse.merge.methods._engine import gta_merge
+from modelfuse.merge.methods._sparsifiers import KeepAll, Rescale, Sparsifier, TieBreak, WeightDensity, Window
 
 PAPER = (
     "Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "

@@ -6,15 +6,9 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods._sparsify import (
-    KeepAll,
-    RandomKeep,
-    Rescale,
-    Sparsifier,
-    WeightDensity,
-    gta_merge,
-    model_seeds,
-)
+from modelfuse.merge.methods._engine import gta_merge
+from modelfuse.merge.methods._random import model_seeds
+from modelfuse.merge.methods._sparsifiers import KeepAll, RandomKeep, Rescale, Sparsifier, WeightDensity
 
 PAPER = (
     "Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
@@ -57,7 +51,7 @@ def dare_linear(
     Masks: each model with d_i < 1 draws a seed s_i from ``generator`` (seeded per tensor by
     the executor) in model order, and keeps entry j (flat order) when u_j < d_i, u_j the
     j-th output of SplitMix64 seeded s_i on the 2^-24 grid of [0, 1)
-    (``_sparsify.uniforms``: a counter-based stream, the same on every device and code
+    (``_random.uniforms``: a counter-based stream, the same on every device and code
     path); density 1 draws nothing. Masks and rescale run in float32 (float64 for float64).
     """
     parts = _drops(base, density, rescale, generator)

@@ -6,15 +6,15 @@ import torch
 from pydantic import Field, model_validator
 
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods._sparsify import (
+from modelfuse.merge.methods._engine import gta_merge
+from modelfuse.merge.methods._random import model_seeds
+from modelfuse.merge.methods._sparsifiers import (
     KeepAll,
     RankKeep,
     Rescale,
     Sparsifier,
     WeightDensity,
     check_della_range,
-    gta_merge,
-    model_seeds,
 )
 
 PAPER = (
@@ -80,7 +80,7 @@ def della(
     mergekit (the default): per row (a 1-D tensor is one row; more dims: along dim 1) rank
     r of |tau| (1..n; equal values ranked by position, a stable sort), keep probability
     p = (d - eps) + 2 eps (r - 1) / (n - 1); kept where u < p, u the draws of DARE
-    (``_sparsify.uniforms`` of a seed each model with d < 1 draws from ``generator`` in
+    (``_random.uniforms`` of a seed each model with d < 1 draws from ``generator`` in
     model order; positions in flat order), then the L1
     rescale (``rescale="l1"``; the paper's per-entry 1/p is ``"inverse_density"``).
     Requires 0 < d - eps and d + eps < 1 whenever d < 1 (density 1 keeps everything).

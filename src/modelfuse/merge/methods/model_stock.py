@@ -7,7 +7,7 @@ from pydantic import Field
 
 from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import Params, merge_method, new_empty
-from modelfuse.merge.methods._sparsify import BLOCK
+from modelfuse.merge.methods._task_vectors import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
 
 

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import NoParams, Params, merge_method
-from modelfuse.merge.methods._sparsify import task_vectors
+from modelfuse.merge.methods._task_vectors import task_vectors
 
 PAPER = (
     "Yuan et al. 2026, Behavior Knowledge Merge in Reinforced Agentic Models, RAM: shared entries averaged "

@@ -6,7 +6,8 @@ import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import NoParams, Params, merge_method
-from modelfuse.merge.methods._sparsify import merge_deltas, sparsified_stack
+from modelfuse.merge.methods._engine import merge_deltas
+from modelfuse.merge.methods._task_vectors import sparsified_stack
 
 
 class SceShared(Params):

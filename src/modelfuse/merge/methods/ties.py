@@ -9,7 +9,8 @@ from pydantic import Field
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods._sparsify import (
+from modelfuse.merge.methods._engine import gta_merge
+from modelfuse.merge.methods._sparsifiers import (
     KeepAll,
     Rescale,
     Sparsifier,
@@ -17,7 +18,6 @@ from modelfuse.merge.methods._sparsify import (
     TieBreak,
     TopK,
     WeightDensity,
-    gta_merge,
 )
 
 
