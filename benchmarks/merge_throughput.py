@@ -316,7 +316,7 @@ FLOOR = textwrap.dedent(
     start = time.perf_counter()
     import torch
     from safetensors import safe_open
-    from modelfuse.io import CheckpointWriter, open_checkpoint
+    from modelfuse.io import DEFAULT_SHARD_SIZE, CheckpointWriter, open_checkpoint
     imported = time.perf_counter()
     *inputs, out = map(Path, sys.argv[1:])
     ref = open_checkpoint(inputs[0])  # names, shapes and dtypes only (headers)
@@ -331,7 +331,7 @@ FLOOR = textwrap.dedent(
             handles.update(dict.fromkeys(h.keys(), h))
         where.append(handles)
     read = 0
-    with CheckpointWriter(out, max_shard_size="5B", force=True) as w:
+    with CheckpointWriter(out, max_shard_size=DEFAULT_SHARD_SIZE, force=True) as w:
         w.declare(layout)
         for name in names:
             for handles in where:

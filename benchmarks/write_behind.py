@@ -1,4 +1,4 @@
-"""Streaming writes with and without write-behind (``modelfuse.io.writer._WriteBehind``).
+"""Streaming writes with and without write-behind (``CheckpointWriter(drop_cache=...)``, ``_WriteBehind``).
 
 Writes one ~0.9 GB float32 checkpoint through ``CheckpointWriter`` in streaming mode
 (declared layout, 16 MiB tensors), alternately with the write-behind on (each range's
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from modelfuse.io import writer as writer_module
 from modelfuse.io.writer import CheckpointWriter
 
 TENSOR = 4 * 2**20  # float32 entries per tensor: 16 MiB
@@ -35,18 +34,12 @@ def cpu_seconds() -> float:
 
 
 def write_once(target: Path, data: torch.Tensor, behind: bool) -> tuple[float, float]:
-    real = writer_module._WriteBehind.written
-    if not behind:
-        writer_module._WriteBehind.written = lambda self, fd, offset, length: None
-    try:
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        with CheckpointWriter(target, force=True) as w:
-            w.declare({f"t{i}": ((TENSOR,), torch.float32) for i in range(COUNT)})
-            for i in range(COUNT):
-                w.add(f"t{i}", data)
-        return time.perf_counter() - wall, cpu_seconds() - cpu
-    finally:
-        writer_module._WriteBehind.written = real
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    with CheckpointWriter(target, force=True, drop_cache=behind) as w:
+        w.declare({f"t{i}": ((TENSOR,), torch.float32) for i in range(COUNT)})
+        for i in range(COUNT):
+            w.add(f"t{i}", data)
+    return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def main() -> None:

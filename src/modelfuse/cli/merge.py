@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from modelfuse._defaults import DEFAULT_SHARD_SIZE
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -31,7 +33,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, cuda:1, ...")
     p.add_argument(
-        "--out-shard-size", default="5B", help="shard size: bytes or K/M/B/KB/MB/GB/GiB (default 5B)"
+        "--out-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help=f"shard size: bytes or K/M/B/KB/MB/GB/GiB (default {DEFAULT_SHARD_SIZE})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of randomised methods (DARE, DELLA); default 0")
     p.add_argument(
@@ -44,6 +48,29 @@ def add_parser(sub: Any) -> None:
         "--allow-architecture-mismatch",
         action="store_true",
         help="merge models whose config.json differ in architecture",
+    )
+    res = p.add_argument_group("resources of this process")
+    res.add_argument(
+        "--threads",
+        default="auto",
+        metavar="auto|N",
+        help="torch threads for the computation: auto (default) uses one core fewer than this process "
+        "may run on, leaving one to the threads that read and write; N uses N",
+    )
+    cache = res.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--drop-cache",
+        dest="drop_cache",
+        action="store_true",
+        default=True,
+        help="drop the output from the page cache soon after writing it (default): a large output does "
+        "not push the inputs out of memory",
+    )
+    cache.add_argument(
+        "--keep-cache",
+        dest="drop_cache",
+        action="store_false",
+        help="leave the output in the page cache: loading it right after the merge is faster",
     )
     short = p.add_argument_group("shorthand without a recipe file")
     short.add_argument("--method", help="merge method (see --list-methods)")
@@ -138,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     from modelfuse.errors import ConfigError
     from modelfuse.io import CheckpointWriter
-    from modelfuse.merge.executor import write_merge
+    from modelfuse.merge.executor import resolve_torch_threads, write_merge
     from modelfuse.merge.plan import build_plan
     from modelfuse.merge.recipe import load_recipe, parse_recipe
 
@@ -168,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.inputs[0])
         recipe = load_recipe(path)
         text, folder = path.read_text(encoding="utf-8"), path.resolve().parent
+    torch_threads = resolve_torch_threads(args.threads)
     if not args.plan and not args.out:
         raise ConfigError("give the output folder with -o/--out (or use --plan to only print the plan)")
     plan = build_plan(
@@ -199,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             out_shard_size=args.out_shard_size,
+            torch_threads=torch_threads,
+            freeze_gc=True,  # this process ends after the merge: the objects of its imports stay
+            drop_cache=args.drop_cache,
         )
         seconds = time.perf_counter() - start
         print(f"merged {len(plan.tasks)} tensors ({plan.nbytes / 1e9:.3f} GB) into {out} in {seconds:.1f} s")

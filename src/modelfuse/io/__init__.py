@@ -9,6 +9,7 @@ or lost output.
 
 from __future__ import annotations
 
+from modelfuse._defaults import DEFAULT_SHARD_SIZE
 from modelfuse.io.checkpoint import (
     AUX_FILES,
     Checkpoint,
@@ -27,6 +28,7 @@ from modelfuse.io.writer import (
 
 __all__ = [
     "AUX_FILES",
+    "DEFAULT_SHARD_SIZE",
     "Checkpoint",
     "CheckpointWriter",
     "MissingTensorError",

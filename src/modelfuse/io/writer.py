@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from modelfuse._defaults import DEFAULT_SHARD_SIZE
 from modelfuse.errors import CheckpointError, ConfigError, OutputError, OutputExistsError
 from modelfuse.io._safetensors import CODE_OF, header_bytes, numel, tensor_bytes, write_file
 from modelfuse.io.checkpoint import AUX_FILES, Checkpoint
@@ -203,17 +204,24 @@ class CheckpointWriter:
     ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``). ``dtype``
     casts floating-point tensors; ``metadata`` goes into every shard's ``__metadata__``;
     ``protect`` lists input paths the target must not equal, lie inside or contain.
+    ``drop_cache``: streamed tensor data leaves the page cache soon after it is written
+    (``_WriteBehind``): a large output does not push other files out of the cache, but
+    reading it right after it was written comes from disk. Off by default.
+
+    Durability: before the move into place every file of the output and its folders are
+    fsynced, and the parent folder after it (``modelfuse._durable``).
     """
 
     def __init__(
         self,
         target: str | os.PathLike,
         *,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
         dtype: torch.dtype | str | None = None,
         metadata: Mapping[str, str] | None = None,
         force: bool = False,
         protect: Iterable[str | os.PathLike] = (),
+        drop_cache: bool = False,
     ) -> None:
         self.target = Path(os.path.abspath(Path(target).expanduser()))
         self.max_shard_size = parse_size(max_shard_size)
@@ -235,7 +243,7 @@ class CheckpointWriter:
         # streaming mode
         self._slots: dict[str, _Slot] | None = None
         self._fds: list[int] = []
-        self._behind = _WriteBehind()
+        self._behind = _WriteBehind() if drop_cache else None
 
     # -- life cycle -----------------------------------------------------------------------------
     def __enter__(self) -> CheckpointWriter:
@@ -439,7 +447,8 @@ class CheckpointWriter:
             _pwrite_all(self._fds[slot.shard], data, slot.offset)
         except OSError as exc:
             raise OutputError(f"cannot write tensor {name!r} to {self._shards[slot.shard]} ({exc})") from exc
-        self._behind.written(self._fds[slot.shard], slot.offset, data.nbytes)
+        if self._behind is not None:
+            self._behind.written(self._fds[slot.shard], slot.offset, data.nbytes)
 
     def _buffer(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.dtype.itemsize
@@ -587,7 +596,8 @@ class CheckpointWriter:
                 os.close(fd)
 
     def _close_fds(self) -> None:
-        self._behind.clear()
+        if self._behind is not None:
+            self._behind.clear()
         fds, self._fds = self._fds, []
         for fd in fds:
             with contextlib.suppress(OSError):
@@ -615,7 +625,7 @@ def write_checkpoint(
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Checkpoint,
     target: str | os.PathLike,
     *,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     dtype: torch.dtype | str | None = None,
     metadata: Mapping[str, str] | None = None,
     force: bool = False,

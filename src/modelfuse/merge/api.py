@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from modelfuse.errors import ConfigError
-from modelfuse.io import open_checkpoint
+from modelfuse.io import DEFAULT_SHARD_SIZE, open_checkpoint
 from modelfuse.merge.executor import run_tasks, write_merge
 from modelfuse.merge.plan import MergePlan, build_plan
 from modelfuse.merge.recipe import Recipe, load_recipe, parse_recipe
@@ -53,15 +53,26 @@ def merge(
     force: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    out_shard_size: int | str = "5B",
+    out_shard_size: int | str = DEFAULT_SHARD_SIZE,
     missing: str = "error",
     allow_architecture_mismatch: bool = False,
     progress: bool | None = None,
+    torch_threads: int | str | None = None,
+    freeze_gc: bool = False,
+    drop_cache: bool = False,
 ) -> Path:
     """Merge the models of a recipe (a YAML file in mergekit's format, a dict or a Recipe) into ``out``.
 
     Writes a Hugging Face folder atomically: safetensors shards + index, config.json,
     tokenizer files and a README.md model card that quotes the recipe. Returns ``out``.
+
+    The process is left as it was unless asked: ``torch_threads`` (None: torch's setting;
+    ``"auto"``: one core fewer than the process may use, leaving one to the reader and
+    writer threads; or a number) and ``freeze_gc`` (``gc.freeze`` for the run) hold only
+    during the call; ``drop_cache`` drops the output's pages from the page cache soon after
+    they are written (the output then does not push the inputs out of the cache, but
+    loading it right after the merge reads from disk). ``modelfuse merge`` turns on the
+    first two and, unless ``--keep-cache``, the third.
     """
     parsed, text, folder = _recipe_and_text(recipe)
     plan = build_plan(
@@ -77,6 +88,9 @@ def merge(
             device=device,
             out_shard_size=out_shard_size,
             progress=progress,
+            torch_threads=torch_threads,
+            freeze_gc=freeze_gc,
+            drop_cache=drop_cache,
         )
     finally:
         plan.close()

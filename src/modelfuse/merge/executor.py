@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from modelfuse._memory import release_free_memory
-from modelfuse.errors import FusionError
-from modelfuse.io import CheckpointWriter
+from modelfuse.errors import ConfigError, FusionError
+from modelfuse.io import DEFAULT_SHARD_SIZE, CheckpointWriter
 from modelfuse.io.checkpoint import CONFIG_FILES, TOKENIZER_FILES
 from modelfuse.merge.methods import _kernels
 from modelfuse.merge.methods._base import workspace
@@ -206,6 +206,8 @@ def run_tasks(
     threads: int = 4,
     progress: bool | None = None,
     reuse_results: bool = False,
+    torch_threads: int | str | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Compute every task of ``plan`` in order and hand each result to ``sink(name, tensor)``.
 
@@ -214,11 +216,17 @@ def run_tasks(
     ``reuse_results``: the sink is done with a result when it returns (it copies it out,
     e.g. into a file), so the memory of results and of the methods' scratch arrays comes
     from a pool of reused buffers (see ``methods._base.new_empty``).
+
+    Process-wide settings are left alone unless asked for (a library call should not change
+    its caller's process): ``torch_threads`` sets ``torch.set_num_threads`` for the run
+    (``"auto"``: one core fewer than the process may use, on CPU; None: unchanged), and
+    ``freeze_gc`` leaves the objects that exist at the start out of garbage collections
+    (``gc.freeze``) for the run; both are restored afterwards. The command line asks for
+    both (``modelfuse merge --threads``).
     """
+    threads_for_torch = resolve_torch_threads(torch_threads)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from modelfuse.errors import ConfigError
-
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     tasks = plan.tasks
     if any(_needs_global_trim(t) for t in tasks):
@@ -228,7 +236,7 @@ def run_tasks(
     buffers = BufferPool(cap=read_ahead_bytes // 4)
 
     with (
-        _quiet_runtime(dev),
+        _quiet_runtime(dev, threads_for_torch, freeze_gc),
         ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelfuse-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelfuse-write") as writer,
         progress_bar("merge", total=plan.nbytes, unit="bytes", show=progress) as bar,
@@ -279,24 +287,49 @@ def run_tasks(
                 future.cancel()
 
 
+def resolve_torch_threads(value: int | str | None) -> int | str | None:
+    """Check a ``torch_threads`` setting: None, ``"auto"`` or a whole number of at least 1 (or its text)."""
+    if value is None or value == "auto":
+        return value
+    number = 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if number < 1:
+        raise ConfigError(
+            f"invalid number of torch threads {value!r}: expected 'auto' or a whole number of at least 1"
+        )
+    return number
+
+
 @contextlib.contextmanager
-def _quiet_runtime(dev: torch.device) -> Iterator[None]:
-    """What the merge loop runs in. Torch computes on one core fewer than the machine has
-    (CPU only): the reader and writer threads need one, and torch's idle OpenMP workers
-    spin-wait for the next operation, which on a small machine takes the CPU from them
-    (a quarter of a 2-core linear merge's samples were spinning). And the objects that
-    exist at the start (imports: about a million) are left out of garbage collections,
-    which otherwise scan them again and again as the loop allocates small objects."""
+def _quiet_runtime(dev: torch.device, torch_threads: int | str | None, freeze_gc: bool) -> Iterator[None]:
+    """What the merge loop runs in, when the caller asks for it (the command line does).
+
+    ``torch_threads="auto"``: torch computes on one core fewer than the process may use (CPU
+    only): the reader and writer threads need one, and torch's idle OpenMP workers
+    spin-wait for the next operation, which on a small machine takes the CPU from them (a
+    quarter of a 2-core linear merge's samples were spinning). ``freeze_gc``: the objects
+    that exist at the start (imports: about a million) are left out of garbage
+    collections, which otherwise scan them again and again as the loop allocates small
+    objects. Both are undone at the end."""
     threads = torch.get_num_threads()
-    cores = _kernels.cores()
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, min(threads, cores - 1)))
-    gc.freeze()
+    if torch_threads == "auto":
+        if dev.type == "cpu":
+            torch.set_num_threads(max(1, min(threads, _kernels.cores() - 1)))
+    elif torch_threads is not None:
+        torch.set_num_threads(int(torch_threads))
+    frozen = freeze_gc and not gc.get_freeze_count()  # an outer freeze is the caller's to undo
+    if frozen:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
-        torch.set_num_threads(threads)
+        if frozen:
+            gc.unfreeze()
+        if torch_threads is not None:
+            torch.set_num_threads(threads)
 
 
 def _finish(write: tuple[Future, list[torch.Tensor]], buffers: BufferPool) -> None:
@@ -340,19 +373,38 @@ def write_merge(
     force: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    out_shard_size: int | str = "5B",
+    out_shard_size: int | str = DEFAULT_SHARD_SIZE,
     progress: bool | None = None,
+    torch_threads: int | str | None = None,
+    freeze_gc: bool = False,
+    drop_cache: bool = False,
 ) -> Path:
-    """Run ``plan`` into a Hugging Face folder at ``out``: shards + index, config, tokenizer, model card."""
+    """Run ``plan`` into a Hugging Face folder at ``out``: shards + index, config, tokenizer, model card.
+
+    ``torch_threads`` and ``freeze_gc``: see ``run_tasks``; ``drop_cache``: see ``CheckpointWriter``."""
     from modelfuse import __version__
 
     target = Path(out)
     metadata = {"format": "pt", "modelfuse_version": __version__, "merge_method": plan.recipe.merge_method}
     with CheckpointWriter(
-        target, max_shard_size=out_shard_size, metadata=metadata, force=force, protect=plan.input_paths()
+        target,
+        max_shard_size=out_shard_size,
+        metadata=metadata,
+        force=force,
+        protect=plan.input_paths(),
+        drop_cache=drop_cache,
     ) as writer:
         writer.declare({t.out: (t.shape, t.out_dtype) for t in plan.tasks})
-        run_tasks(plan, writer.add, seed=seed, device=device, progress=progress, reuse_results=True)
+        run_tasks(
+            plan,
+            writer.add,
+            seed=seed,
+            device=device,
+            progress=progress,
+            reuse_results=True,
+            torch_threads=torch_threads,
+            freeze_gc=freeze_gc,
+        )
         if plan.config is not None:
             writer.write_json("config.json", plan.config)
         if plan.config_from is not None:

@@ -356,7 +356,9 @@ def sparsify(tau: torch.Tensor, part: Sparsifier, block: int | None = None) -> t
 
 
 def _mask_of(tau: torch.Tensor, part: _CutSparsifier) -> torch.Tensor:
-    tv = TaskVectors([tau], torch.zeros(tau.shape, dtype=tau.dtype, device=tau.device), default_block(tau.device))
+    tv = TaskVectors(
+        [tau], torch.zeros(tau.shape, dtype=tau.dtype, device=tau.device), default_block(tau.device)
+    )
     part.fit(tv, 0)
     part.begin()
     keep = torch.empty(tau.shape, dtype=torch.bool, device=tau.device)
