@@ -77,3 +77,15 @@ def merge_path(request):
         yield request.param
     finally:
         _kernels.set_enabled(before)
+
+
+def write_ties_recipe(root: Path, paths: dict) -> Path:
+    """``root/recipe.yaml``: TIES (density 0.5) of ft1 and ft2 onto base, from ``paths``' folders."""
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        "merge_method: ties\n"
+        f"base_model: {paths['base']}\n"
+        "parameters: {density: 0.5}\n"
+        "models:\n" + "".join(f"  - model: {paths[m]}\n" for m in ("ft1", "ft2"))
+    )
+    return recipe

@@ -12,18 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from modelfuse.errors import ConfigError
+from tests.merge.conftest import write_ties_recipe
 
 
 def _recipe(family, tmp_path) -> Path:
-    paths, _ = family
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        "merge_method: ties\n"
-        f"base_model: {paths['base']}\n"
-        "parameters: {density: 0.5}\n"
-        "models:\n" + "".join(f"  - model: {paths[m]}\n" for m in ("ft1", "ft2"))
-    )
-    return recipe
+    return write_ties_recipe(tmp_path, family[0])
 
 
 def _spy_process_settings(monkeypatch):

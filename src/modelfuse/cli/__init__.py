@@ -86,10 +86,15 @@ def run() -> None:
     leave without the interpreter's teardown.
 
     Once a command has finished (its outputs closed, synced and moved into place), the
-    process ends with the Python-level exit handlers run and the streams flushed, but
-    without the C-level teardown: torch's static destructors unregister every operator,
-    which took about 0.5 s on every run here (benchmarks/RESULTS.md). ``main`` itself,
-    which the tests and the Python API call, returns normally.
+    process ends as a normal exit would at the Python level, but without the C-level
+    teardown: torch's static destructors unregister every operator, which took about 0.5 s
+    on every run here (benchmarks/RESULTS.md). ``main`` itself, which the tests and the
+    Python API call, returns normally.
+
+    What a normal exit runs first still runs, in its order, so that no write is cut off:
+    the threading module's shutdown (the exit hooks of thread pools, then a join of every
+    non-daemon thread still running), then the ``atexit`` handlers, then the streams are
+    flushed; only then ``os._exit``.
     """
     code = main()
     import atexit
@@ -97,9 +102,26 @@ def run() -> None:
     import os
 
     try:
+        _join_threads()
         atexit._run_exitfuncs()  # what a normal exit runs at the Python level (logging, ...)
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(code)
+
+
+def _join_threads() -> None:
+    """What the interpreter does at exit before the ``atexit`` handlers: ``threading._shutdown``
+    (runs ``threading._register_atexit`` hooks, e.g. thread pools telling their workers to
+    stop, then joins every non-daemon thread); where that private function is missing, the
+    non-daemon threads are joined here."""
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()

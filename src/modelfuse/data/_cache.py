@@ -2,15 +2,16 @@
 
 Both ``modelfuse.data`` (generated datasets) and ``modelfuse.zoo`` (trained pools) write
 here. Writes go to a temporary file in the same folder first and are moved into place
-with :func:`os.replace`, so a crash never leaves a half-written file behind.
+with :func:`modelfuse._durable.publish`, so a crash never leaves a half-written file behind.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from modelfuse._durable import atomic_file
 
 ENV_VAR = "MODELFUSE_CACHE"
 
@@ -24,16 +25,9 @@ def cache_dir() -> Path:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it onto ``path``."""
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it onto ``path``
+    durably (``modelfuse._durable.atomic_file``: fsynced before the rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -228,11 +227,10 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_file(path: Path, items: list[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> None:
-    """Write CPU tensors to one safetensors file at ``path`` (sequentially, then fsync)."""
+    """Write CPU tensors to one safetensors file at ``path``, sequentially (the writer's
+    ``modelfuse._durable.publish`` fsyncs it with the rest of the output)."""
     head, _ = header_bytes(((name, t.dtype, tuple(t.shape)) for name, t in items), metadata)
     with open(path, "wb") as f:
         f.write(head)
         for _, tensor in items:
             f.write(tensor_bytes(tensor))
-        f.flush()
-        os.fsync(f.fileno())

@@ -15,7 +15,6 @@ import ctypes.util
 import json
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from collections import deque
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from modelfuse._defaults import DEFAULT_SHARD_SIZE
+from modelfuse._durable import fsync_folder, publish
 from modelfuse.errors import CheckpointError, ConfigError, OutputError, OutputExistsError
 from modelfuse.io._safetensors import CODE_OF, header_bytes, numel, tensor_bytes, write_file
 from modelfuse.io.checkpoint import AUX_FILES, Checkpoint
@@ -534,9 +534,7 @@ class CheckpointWriter:
                 raise OutputError(
                     f"{len(missing)} declared tensor(s) were never added to {self.target}: {shown}"
                 )
-            for fd in self._fds:
-                os.fsync(fd)
-            self._close_fds()
+            self._close_fds()  # publish() fsyncs every file
         elif self._pending or not self._shards:
             self._flush()
         if not self.single_file:
@@ -571,29 +569,13 @@ class CheckpointWriter:
         for folder in reversed(missing):
             folder.mkdir()
             self._created_parents.append(folder)
-        if self.single_file:
-            os.replace(tmp, self.target)
-        elif not (self.target.exists() or self.target.is_symlink()):
-            os.rename(tmp, self.target)
-        else:
-            aside = self.target.with_name(f".{self.target.name}.old-{secrets.token_hex(4)}")
-            os.rename(self.target, aside)
-            try:
-                os.rename(tmp, self.target)
-            except BaseException:
-                os.rename(aside, self.target)
-                raise
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                aside.unlink(missing_ok=True)
+        try:
+            publish(tmp, self.target, replace=True)
+        except OSError as exc:
+            raise OutputError(f"cannot move the finished output into place at {self.target} ({exc})") from exc
         self._tmp = None
-        with contextlib.suppress(OSError):  # make the rename durable where the filesystem allows
-            fd = os.open(self.target.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        for folder in self._created_parents:  # the folders made for it exist durably too
+            fsync_folder(folder.parent)
 
     def _close_fds(self) -> None:
         if self._behind is not None:
