@@ -252,3 +252,41 @@ def test_cli_fast_exit_waits_for_running_writes(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "reported"
     assert done.read_text() == "complete"
+
+
+def test_fuse_features_output_is_durable(tmp_path, calls):
+    """``modelfuse fuse-features``: model, recipe.yaml and metrics.json fsynced before the rename."""
+    import yaml
+
+    from modelfuse.cli import main
+    from modelfuse.io import save_state_dict
+    from modelfuse.zoo import build_pool
+
+    pool = build_pool("cnn", "digits", k=2, epochs=1, cache=False, progress=False)
+    for i, m in enumerate(pool.members):
+        save_state_dict(m, tmp_path / f"cnn{i}.safetensors")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "branches": [
+                    {
+                        "name": n,
+                        "model": "cnn",
+                        "weights": str(tmp_path / f"cnn{i}.safetensors"),
+                        "tap": "features",
+                    }
+                    for i, n in enumerate("ab")
+                ],
+                "fuse": "concat",
+                "data": {"name": "digits"},
+                "train": {"epochs": 1, "seed": 0},
+            }
+        )
+    )
+    calls.clear()
+    out = tmp_path / "fused"
+    assert main(["-q", "fuse-features", str(recipe), "-o", str(out), "--json"]) == 0
+    check_durable(calls, out)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors", "recipe.yaml"]
+    json.loads((out / "metrics.json").read_text())
