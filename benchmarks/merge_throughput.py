@@ -114,6 +114,10 @@ FLOOR_RATIO = 2.0  # every method within 2x the I/O floor ...
 FLOOR_RATIO_SPECIAL = {"ties": 3.0}  # ... except TIES, within 3x
 RSS_OVER_TORCH = 1e9  # bytes of peak RSS above a bare `import torch`
 CLI_START = 1.0  # seconds for `modelfuse --help`
+#: the merge's settings, spelled out so that the figures stay comparable if the defaults move:
+#: torch on one core fewer than the machine's, gc frozen (the CLI's), output dropped from the
+#: page cache behind the writer
+MERGE_FLAGS = ["--force", "--threads", "auto", "--drop-cache"]
 
 MiB = 2**20
 
@@ -162,7 +166,9 @@ def build_models(root: Path) -> float:
     declared = {name: (shape, torch.float32) for name, shape in layout.items()}
     with contextlib.ExitStack() as stack:
         writers = {
-            m: stack.enter_context(CheckpointWriter(root / m, max_shard_size=SHARD_SIZE, force=True))
+            m: stack.enter_context(
+                CheckpointWriter(root / m, max_shard_size=SHARD_SIZE, force=True, drop_cache=True)
+            )
             for m in MODELS
         }
         for w in writers.values():
@@ -331,7 +337,8 @@ FLOOR = textwrap.dedent(
             handles.update(dict.fromkeys(h.keys(), h))
         where.append(handles)
     read = 0
-    with CheckpointWriter(out, max_shard_size=DEFAULT_SHARD_SIZE, force=True) as w:
+    # the write-behind on, as `modelfuse merge` writes by default (--drop-cache)
+    with CheckpointWriter(out, max_shard_size=DEFAULT_SHARD_SIZE, force=True, drop_cache=True) as w:
         w.declare(layout)
         for name in names:
             for handles in where:
@@ -479,7 +486,7 @@ def profile_method(method: str, work: Path, models: Path) -> None:
     warm_up([models / m for m in MODELS])
     argv = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "modelfuse"]
     start = time.perf_counter()
-    rc = subprocess.run([*argv, "merge", str(recipe), "-o", str(out), "--force"], env=CHILD_ENV).returncode
+    rc = subprocess.run([*argv, "merge", str(recipe), "-o", str(out), *MERGE_FLAGS], env=CHILD_ENV).returncode
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     print(f"\nprofile of {method} (warm cache, {seconds:.1f} s under cProfile, rc {rc}): {prof}")
@@ -489,6 +496,8 @@ def profile_method(method: str, work: Path, models: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- the run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -606,7 +615,7 @@ def main() -> None:
                 if name in METHODS:
                     recipe = work / "recipes" / f"{slug}.yaml"
                     inputs = write_recipe(recipe, name, models)
-                    argv = ["-m", "modelfuse", "merge", str(recipe), "-o", str(out), "--force"]
+                    argv = ["-m", "modelfuse", "merge", str(recipe), "-o", str(out), *MERGE_FLAGS]
                 else:
                     inputs = folders
                     argv = ["-c", FLOOR, *map(str, folders), str(out)]
