@@ -132,8 +132,9 @@ def merge_block(
     so the values match it bit for bit (up to the sign of a zero).
 
     Float ops only: m_i = sign(relu(s v_i)); the agreeing sum is s * sum_i relu(s u_i) when
-    the vote is on u itself (exact: every agreeing u_i has sign s). A sum of -0 (all votes
-    zero) gives s = -1 instead of +1, which changes nothing since no zero agrees.
+    the vote is on u itself (exact: every agreeing u_i has sign s). ``torch.sum`` starts
+    from +0, so votes that are all zeros (even all -0) sum to +0 and elect s = +1; the C
+    kernels start their sums from +0 too, so both paths give the same sign of zero.
     """
     n = out.numel()
     deltas.mul_(s.w)  # u_i = w_i delta_i
