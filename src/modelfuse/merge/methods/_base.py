@@ -82,6 +82,11 @@ class MergeMethod:
     - ``base``: whether a base model is required, optional or not used.
     - ``min_models`` / ``max_models``: how many models besides the base it accepts.
     - ``randomized``: takes a ``generator`` (seeded per tensor by the executor).
+    - ``mergekit``: how mergekit 0.1.5's method of this name differs, or ``not in mergekit``
+      (whether its base is an input, which parameters it ignores, numerical differences);
+      ``modelfuse merge --list-methods`` prints it and the model card quotes it.
+    - ``base_first``: with ``base: "none"``, a recipe's base model is one more input; it goes
+      first (else after the listed models), in mergekit's order.
     """
 
     name: str
@@ -93,6 +98,8 @@ class MergeMethod:
     max_models: int | None
     randomized: bool
     paper: str
+    mergekit: str = ""
+    base_first: bool = False
 
     @property
     def doc(self) -> str:
@@ -182,6 +189,8 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     paper: str = "",
+    mergekit: str = "",
+    base_first: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` as merge method ``name``; the function itself is returned unchanged.
 
@@ -204,7 +213,9 @@ def merge_method(
             )
         METHODS.register(
             name,
-            MergeMethod(name, fn, shared, per_model, base, min_models, max_models, randomized, paper),
+            MergeMethod(
+                name, fn, shared, per_model, base, min_models, max_models, randomized, paper, mergekit, base_first
+            ),
             same=lambda old, new: old.fn is new.fn,
         )
         return fn

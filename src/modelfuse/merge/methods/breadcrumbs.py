@@ -15,6 +15,7 @@ from modelfuse.merge.methods._sparsify import (
     Window,
     gta_merge,
 )
+from modelfuse.merge.methods.ties import TIE_BREAK_NOTE
 
 PAPER = (
     "Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
@@ -38,7 +39,13 @@ def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: s
 
 
 @merge_method(
-    "breadcrumbs", shared=BreadcrumbsShared, per_model=BreadcrumbsModel, base="required", paper=PAPER
+    "breadcrumbs", shared=BreadcrumbsShared, per_model=BreadcrumbsModel, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Bit-equal with tie_break: sort; '
+    ) + TIE_BREAK_NOTE + (
+        '. mergekit keeps nothing where gamma n < 1 (its [n_bot:-n_top] slice); modelfuse keeps '
+        'the density window'
+    ),
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -75,6 +82,12 @@ def breadcrumbs(
     per_model=BreadcrumbsModel,
     base="required",
     paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
+    mergekit=(
+        'base: required, not an input. Bit-equal with tie_break: sort; '
+    ) + TIE_BREAK_NOTE + (
+        '. mergekit keeps nothing where gamma n < 1 (its [n_bot:-n_top] slice); modelfuse keeps '
+        'the density window'
+    ),
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

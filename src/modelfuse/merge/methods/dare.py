@@ -21,6 +21,12 @@ PAPER = (
     "as a Free Lunch, DARE: m ~ Bernoulli(p), tau' = (1 - m) * tau / (1 - p)"
 )
 
+#: how the random masks relate to mergekit's (quoted in --list-methods and model cards)
+RANDOM_MASK_NOTE = (
+    "random masks come from modelfuse's seeded SplitMix64 stream, not torch's bernoulli: "
+    "equal to mergekit's in distribution, bit-equal only at density 1"
+)
+
 
 class DareShared(Params):
     lambda_: float = Field(1.0, alias="lambda")
@@ -35,7 +41,12 @@ def _drops(
     return [KeepAll() if d >= 1 else RandomKeep(d, rescale, s) for d, s in zip(density, seeds)]
 
 
-@merge_method("dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+@merge_method(
+    "dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def dare_linear(
     xs: list[torch.Tensor],
     base: torch.Tensor,
@@ -64,7 +75,12 @@ def dare_linear(
     return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+@merge_method(
+    "dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. L1 rescale and weighted vote as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def dare_ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,

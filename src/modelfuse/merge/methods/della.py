@@ -16,6 +16,7 @@ from modelfuse.merge.methods._sparsify import (
     gta_merge,
     model_seeds,
 )
+from modelfuse.merge.methods.dare import RANDOM_MASK_NOTE
 
 PAPER = (
     "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
@@ -59,7 +60,12 @@ def _prunes(
     ]
 
 
-@merge_method("della", shared=DellaShared, per_model=DellaModel, base="required", paper=PAPER)
+@merge_method(
+    "della", shared=DellaShared, per_model=DellaModel, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def della(
     xs: list[torch.Tensor],
     base: torch.Tensor,
@@ -90,7 +96,12 @@ def della(
     return gta_merge(xs, base, parts, weight, elect=True, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("della_linear", shared=DellaLinearShared, per_model=DellaModel, base="required", paper=PAPER)
+@merge_method(
+    "della_linear", shared=DellaLinearShared, per_model=DellaModel, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def della_linear(
     xs: list[torch.Tensor],
     base: torch.Tensor,

@@ -23,6 +23,9 @@ class IsoCTSShared(AlphaShared):
     shared=AlphaShared,
     base="required",
     paper=f"{ISO_PAPER} (Iso-C): theta = theta_0 + alpha U mean(sigma) V^T, U S V^T = sum_i tau_i",
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's Iso-C)"
+    ),
 )
 def iso_c(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """Iso-C: task arithmetic's sum with every singular value replaced by their mean.
@@ -64,6 +67,9 @@ def iso_cts_sizes(r: int, n_tasks: int, common_space_fraction: float) -> tuple[i
     paper=(
         f"{ISO_PAPER} (Iso-CTS): theta = theta_0 + alpha mean(sigma) U_perp V_perp^T over the common "
         "and task-specific subspaces"
+    ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's Iso-CTS)"
     ),
 )
 def iso_cts(

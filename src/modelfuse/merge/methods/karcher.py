@@ -24,8 +24,15 @@ class KarcherShared(Params):
     per_model=Weight,
     base="none",
     min_models=1,
+    base_first=True,
     paper="Karcher 1977, Riemannian center of mass and mollifier smoothing; spherical algorithm: "
     "Buss & Fillmore 2001: m <- Exp_m(sum_i a_i Log_m(u_i))",
+    mergekit=(
+        'base: no role; a named base_model is one more input of the mean, placed first '
+        "(mergekit's easy_define order). Ignores weight (weighted: true is modelfuse's, not "
+        "mergekit's). Computed in float64 (mergekit: the input dtype): last-bit differences (<= "
+        '4e-7)'
+    ),
 )
 def karcher(
     xs: list[torch.Tensor],

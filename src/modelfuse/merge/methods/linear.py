@@ -30,6 +30,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     per_model=Weight,
     base="none",
     paper="Wortsman et al. 2022, Model soups, eq. 1 (uniform soup); weighted: Matena & Raffel 2022",
+    mergekit=(
+        'base: no role; a named base_model is one more input, after the listed models (its weight '
+        'from the top-level parameters: mergekit requires one, modelfuse defaults to 1). Uses '
+        'weight and normalize, ignores the rest. Same formula; last-bit differences (<= 4e-7) '
+        "from mergekit's stacked sum"
+    ),
 )
 def linear(
     xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool

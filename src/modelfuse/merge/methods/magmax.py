@@ -21,6 +21,9 @@ class MagMaxShared(Params):
         "Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning: "
         "theta = theta_0 + lambda tau_max, tau_max[j] = tau_{argmax_t |tau_t[j]|}[j]"
     ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's MagMax)"
+    ),
 )
 def magmax(xs: list[torch.Tensor], base: torch.Tensor, *, lambda_: float) -> torch.Tensor:
     """MagMax: for every entry j keep the task vector value of largest absolute value.

@@ -22,6 +22,10 @@ class ModelStockShared(Params):
     min_models=2,
     paper="Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models: "
     "t = N cos(theta) / (1 + (N - 1) cos(theta)), w_H = t w_avg + (1 - t) w_0",
+    mergekit=(
+        'base: required, not an input. Ignores weight (accepted with an IgnoredParameterWarning). '
+        'Last-bit differences (<= 4e-7)'
+    ),
 )
 def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     """y = t mean_i(x_i) + (1 - t) base with t = N cos(theta) / (1 + (N - 1) cos(theta)).

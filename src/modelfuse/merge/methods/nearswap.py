@@ -20,6 +20,11 @@ class NearSwapShared(Params):
     max_models=1,
     paper="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (model card): "
     "w = clamp(t / |base - x|, 0, 1), y = w x + (1 - w) base",
+    mergekit=(
+        'base: required, not an input. mergekit divides by the raw difference (inf/nan -> 1), '
+        'modelfuse floors it at 1e-6: they differ only where |base - x| < 1e-6 and t < 1e-6. '
+        'Bit-equal otherwise'
+    ),
 )
 def nearswap(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """Per element, move from the base towards the other model the more, the closer they are.

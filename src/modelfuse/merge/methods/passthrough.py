@@ -19,6 +19,10 @@ class Scale(Params):
     max_models=1,
     paper="no paper (frankenmerges); depth up-scaling: Kim et al. 2023, SOLAR 10.7B, "
     "Scaling large language models with simple yet effective depth up-scaling",
+    mergekit=(
+        'base: no role; a named base_model would be a second input, which mergekit and modelfuse '
+        'refuse. Bit-equal'
+    ),
 )
 def passthrough(
     xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: list[float | None]

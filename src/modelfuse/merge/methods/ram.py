@@ -34,7 +34,12 @@ def _split(
     return tv * changed, changed, counts, counts > 1, counts == 1
 
 
-@merge_method("ram", shared=RamShared, per_model=NoParams, base="required", paper=PAPER)
+@merge_method(
+    "ram", shared=RamShared, per_model=NoParams, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Same formula; bit-equal'
+    ),
+)
 def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
     """RAM: y = base + sum_i (tau_i [unique] + tau_i [shared] / c), c = #{j : |tau_j| > epsilon}.
 
@@ -49,7 +54,12 @@ def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.
     return (base + merged.reshape_as(base)).to(base.dtype)
 
 
-@merge_method("ramplus_tl", shared=RamPlusShared, per_model=NoParams, base="required", paper=PAPER)
+@merge_method(
+    "ramplus_tl", shared=RamPlusShared, per_model=NoParams, base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Same formula (lambda_i in float32); bit-equal'
+    ),
+)
 def ramplus_tl(
     xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float, r: float, alpha: float
 ) -> torch.Tensor:

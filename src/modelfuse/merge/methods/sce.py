@@ -42,6 +42,11 @@ def energy_weights(deltas: torch.Tensor) -> list[float]:
     per_model=NoParams,
     base="required",
     paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, SCE (select, calculate, erase)",
+    mergekit=(
+        "base: required, not an input. Ignores weight and density (mergekit's sce has no "
+        "per-model parameters; a recipe's are accepted with an IgnoredParameterWarning). Last-bit "
+        'differences (<= 4e-7)'
+    ),
 )
 def sce(xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float) -> torch.Tensor:
     """SCE: y = base + sum_i m_i eta_i delta_i / sum_i m_i eta_i over selected, sign-agreeing entries.

@@ -28,6 +28,10 @@ class SlerpShared(Params):
     max_models=1,
     paper="Shoemake 1985, Animating rotation with quaternion curves: "
     "slerp(p0, p1; t) = sin((1-t) theta)/sin theta p0 + sin(t theta)/sin theta p1",
+    mergekit=(
+        'base: required (t = 0 gives it), not an input. Ignores weight. Angles in float64: '
+        'last-bit differences (<= 4e-7)'
+    ),
 )
 def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """Spherical linear interpolation from the base model (t = 0) to the other model (t = 1).
@@ -101,6 +105,10 @@ def _slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor
     max_models=2,
     paper="mergekit (Goddard et al. 2024, Arcee's MergeKit) NuSLERP; slerp of Shoemake 1985 "
     "with t = w_2 / (w_1 + w_2)",
+    mergekit=(
+        'base: optional, not an input (with one, the task vectors are interpolated). mergekit '
+        'requires weight, modelfuse defaults it to 1. Computed in float64: last-bit differences'
+    ),
 )
 def nuslerp(
     xs: list[torch.Tensor],
@@ -160,6 +168,12 @@ class MultiSlerpShared(Params):
     min_models=1,
     paper="Goddard 2025, Multislerp (goddard.blog); spherical averages: Buss & Fillmore 2001, "
     "Spherical averages and applications to spherical splines and interpolation",
+    mergekit=(
+        'base: optional, not an input (with one, the task vectors are interpolated). mergekit '
+        'requires weight, modelfuse defaults it to 1. Where every task vector is zero modelfuse '
+        'returns the base (mergekit raises for three or more models). Computed in float64: '
+        'last-bit differences (<= 4e-7)'
+    ),
 )
 def multislerp(
     xs: list[torch.Tensor],
@@ -180,7 +194,10 @@ def multislerp(
 
     mergekit semantics: weights divided by their sum when ``normalize_weights``; a single
     model is returned as it is; when |sum_i w_i u_i| < eps two models fall back to the
-    weighted sum w_1 v_1 + w_2 v_2 and more models are an error. mergekit requires
+    weighted sum w_1 v_1 + w_2 v_2 and more models are an error. Deviation: where every v_i is
+    exactly zero (all models equal the base, as in a tensor no fine-tune changed) the result is
+    the weighted sum, zero, i.e. the base, for any number of models (mergekit raises for three
+    or more); only genuinely cancelling directions (antipodal inputs) are an error. mergekit requires
     ``weight``; here it defaults to 1. Computed in float64 (float32 norms of large tensors lose ~1e-4 relative),
     returned in the first model's dtype.
     """
@@ -207,12 +224,12 @@ def multislerp(
     mean = (w[:, None] * unit).sum(0)
     mean_norm = mean.norm()
     if mean_norm.item() < eps:
-        if len(xs) != 2:
+        if len(xs) != 2 and bool((norms > 0).any()):
             raise ConfigError(
                 "merge method 'multislerp': the weighted sum of the models' directions is zero "
                 "(antipodal tensors whose weights cancel out); change the weights"
             )
-        out = (w[0] * v[0] + w[1] * v[1]).reshape(shape)
+        out = (w[:, None] * flat).sum(0).reshape(shape)  # all-zero vectors: zero, i.e. the base
     else:
         mean = mean / mean_norm
         tangent = unit - (unit @ mean)[:, None] * mean

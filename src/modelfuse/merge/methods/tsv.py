@@ -46,6 +46,9 @@ def orthonormal_polar(a: torch.Tensor) -> torch.Tensor:
         "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (TSV-Merge): "
         "theta = theta_0 + alpha U_perp S V_perp^T"
     ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's TSV-Merge)"
+    ),
 )
 def tsv_m(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """TSV-Merge: concatenate each task's top singular vectors, decorrelate them, sum as one SVD.
