@@ -55,9 +55,8 @@ def karcher(
     a_i = w_i / sum w; not in mergekit); models with |x_i| <= tol take no part in the direction
     (their zero norm still counts in the scale); all such models give zeros; a start whose norm
     is below tol is replaced by the first unit vector; terms with theta_i < tol are skipped; the
-    iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is not used: list
-    the base among the models to include it (mergekit includes a recipe's base model in the
-    mean). Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in the first model's dtype.
+    iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is never passed: a
+    recipe's ``base_model`` is one more input of the mean, the first one, as in mergekit. Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in the first model's dtype.
     """
     if len(xs) == 1:
         return xs[0].clone()

@@ -44,7 +44,8 @@ def linear(
 
     As in mergekit, the sum accumulates in float32 (float64 for float64 inputs) in model
     order, the divisor is the float32 sum of the weights, and the result is cast back to
-    the first input's dtype. ``base`` is not used: list the base among the models to average it in.
+    the first input's dtype. ``base`` is never passed: a recipe's ``base_model`` is one more input
+    (after the listed models), as in mergekit.
     """
     acc = accumulation_dtype(xs[0].dtype)
     w = torch.tensor(weight, dtype=torch.float32).to(acc)
