@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._sparsify import (
     KeepAll,
     Rescale,
     Sparsifier,
     TieBreak,
-    WeightDensity,
     Window,
     gta_merge,
 )
@@ -23,15 +24,8 @@ PAPER = (
 )
 
 
-class BreadcrumbsModel(WeightDensity):
-    gamma: float = Field(0.01, ge=0, le=1)
-
-
-class BreadcrumbsShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
-    rescale: Rescale = "none"
-    tie_break: TieBreak = "index"
+#: breadcrumbs' per-model fraction of the largest magnitudes removed
+Gamma = Annotated[float, Field(ge=0, le=1)]
 
 
 def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: str) -> list[Sparsifier]:
@@ -39,7 +33,7 @@ def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: s
 
 
 @merge_method(
-    "breadcrumbs", shared=BreadcrumbsShared, per_model=BreadcrumbsModel, base="required", paper=PAPER,
+    "breadcrumbs", base="required", paper=PAPER,
     mergekit=(
         'base: required, not an input. Bit-equal with tie_break: sort; '
     ) + TIE_BREAK_NOTE + (
@@ -51,13 +45,13 @@ def breadcrumbs(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    gamma: PerModel[Gamma] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "none",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """Breadcrumbs: y = base + lambda * sum_i w_i crumbs_i (``normalize``: / sum_i w_i).
 
@@ -78,8 +72,6 @@ def breadcrumbs(
 
 @merge_method(
     "breadcrumbs_ties",
-    shared=BreadcrumbsShared,
-    per_model=BreadcrumbsModel,
     base="required",
     paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
     mergekit=(
@@ -93,13 +85,13 @@ def breadcrumbs_ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    gamma: PerModel[Gamma] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "none",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """Breadcrumbs masks, then TIES' sign election: y = base + lambda * sum_i m_i w_i crumbs_i.
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._sparsify import (
     KeepAll,
     RandomKeep,
     Rescale,
     Sparsifier,
-    WeightDensity,
     gta_merge,
     model_seeds,
 )
@@ -28,12 +26,6 @@ RANDOM_MASK_NOTE = (
 )
 
 
-class DareShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
-    rescale: Rescale = "l1"
-
-
 def _drops(
     base: torch.Tensor, density: list[float], rescale: str, generator: torch.Generator | None
 ) -> list[Sparsifier]:
@@ -42,7 +34,7 @@ def _drops(
 
 
 @merge_method(
-    "dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER,
+    "dare_linear", base="required", paper=PAPER,
     mergekit=(
         'base: required, not an input. L1 rescale as mergekit; '
     ) + RANDOM_MASK_NOTE,
@@ -51,12 +43,12 @@ def dare_linear(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE then task arithmetic: y = base + lambda * sum_i w_i dropped_i (``normalize``: / sum_i w_i).
 
@@ -76,7 +68,7 @@ def dare_linear(
 
 
 @merge_method(
-    "dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER,
+    "dare_ties", base="required", paper=PAPER,
     mergekit=(
         'base: required, not an input. L1 rescale and weighted vote as mergekit; '
     ) + RANDOM_MASK_NOTE,
@@ -85,12 +77,12 @@ def dare_ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE drops, then TIES' sign election: y = base + lambda * sum_i m_i w_i dropped_i.
 

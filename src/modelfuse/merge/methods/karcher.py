@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods.linear import Weight
-
-
-class KarcherShared(Params):
-    max_iter: int = Field(10, ge=0, description="most fixed-point iterations")
-    tol: float = Field(1e-5, ge=0.0, description="stop when the tangent step is shorter than this")
-    weighted: bool = Field(
-        False, description="use the models' weights (the weighted Karcher mean); mergekit ignores them"
-    )
+from modelfuse.merge.methods._base import PerModel, merge_method
 
 
 @merge_method(
     "karcher",
-    shared=KarcherShared,
-    per_model=Weight,
     base="none",
     min_models=1,
     base_first=True,
@@ -38,10 +29,12 @@ def karcher(
     xs: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    weight: list[float],
-    max_iter: int,
-    tol: float,
-    weighted: bool,
+    weight: PerModel[float] = 1.0,
+    max_iter: Annotated[int, Field(ge=0, description="most fixed-point iterations")] = 10,
+    tol: Annotated[float, Field(ge=0.0, description="stop when the tangent step is shorter than this")] = 1e-5,
+    weighted: Annotated[
+        bool, Field(description="use the models' weights (the weighted Karcher mean); mergekit ignores them")
+    ] = False,
 ) -> torch.Tensor:
     """Karcher (Frechet) mean of the unit vectors u_i = x_i / |x_i|, times the mean norm.
 

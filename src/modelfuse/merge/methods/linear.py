@@ -5,18 +5,10 @@ from __future__ import annotations
 import torch
 
 from modelfuse.merge.methods import _kernels
-from modelfuse.merge.methods._base import Params, merge_method, new_empty
+from modelfuse.merge.methods._base import PerModel, merge_method, new_empty
 
 #: entries per block (as the sparsifying methods: buffers stay in cache)
 BLOCK = 1 << 16
-
-
-class LinearShared(Params):
-    normalize: bool = True
-
-
-class Weight(Params):
-    weight: float = 1.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,8 +18,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @merge_method(
     "linear",
-    shared=LinearShared,
-    per_model=Weight,
     base="none",
     paper="Wortsman et al. 2022, Model soups, eq. 1 (uniform soup); weighted: Matena & Raffel 2022",
     mergekit=(
@@ -38,7 +28,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     ),
 )
 def linear(
-    xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool
+    xs: list[torch.Tensor], base: torch.Tensor | None, *, weight: PerModel[float] = 1.0, normalize: bool = True
 ) -> torch.Tensor:
     """Weighted average y = sum_i w_i x_i / sum_i w_i (``normalize=False``: the plain weighted sum).
 

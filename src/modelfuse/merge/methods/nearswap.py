@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
-
-
-class NearSwapShared(Params):
-    t: float = Field(..., gt=0.0, description="the sameness threshold, in weight units")
+from modelfuse.merge.methods._base import merge_method
 
 
 @merge_method(
     "nearswap",
-    shared=NearSwapShared,
     base="required",
     min_models=1,
     max_models=1,
@@ -26,7 +23,12 @@ class NearSwapShared(Params):
         'Bit-equal otherwise'
     ),
 )
-def nearswap(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
+def nearswap(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    t: Annotated[float, Field(gt=0.0, description="the sameness threshold, in weight units")],
+) -> torch.Tensor:
     """Per element, move from the base towards the other model the more, the closer they are.
 
     NearSwap (alchemonaut 2024, model card of QuartetAnemoi-70B-t0.0001):

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from modelfuse.merge.methods._base import Params, merge_method
-
-
-class Scale(Params):
-    scale: float | None = None
+from modelfuse.merge.methods._base import PerModel, merge_method
 
 
 @merge_method(
     "passthrough",
-    per_model=Scale,
     base="none",
     min_models=1,
     max_models=1,
@@ -25,7 +20,7 @@ class Scale(Params):
     ),
 )
 def passthrough(
-    xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: list[float | None]
+    xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: PerModel[float | None] = None
 ) -> torch.Tensor:
     """A copy of the single model's tensor, times its ``scale`` when one is given (y = s x).
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import NoParams, Params, merge_method
+from modelfuse.merge.methods._base import merge_method
 from modelfuse.merge.methods._sparsify import merge_deltas, sparsified_stack
-
-
-class SceShared(Params):
-    select_topk: float = Field(1.0, gt=0, le=1)
 
 
 def variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -38,8 +36,6 @@ def energy_weights(deltas: torch.Tensor) -> list[float]:
 
 @merge_method(
     "sce",
-    shared=SceShared,
-    per_model=NoParams,
     base="required",
     paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, SCE (select, calculate, erase)",
     mergekit=(
@@ -48,7 +44,9 @@ def energy_weights(deltas: torch.Tensor) -> list[float]:
         'differences (<= 4e-7)'
     ),
 )
-def sce(xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float) -> torch.Tensor:
+def sce(
+    xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: Annotated[float, Field(gt=0, le=1)] = 1.0
+) -> torch.Tensor:
     """SCE: y = base + sum_i m_i eta_i delta_i / sum_i m_i eta_i over selected, sign-agreeing entries.
 
     Paper (Wan, Zhong, Yang, Chen, Quan 2024, FuseChat): per parameter matrix, Select the

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
 from modelfuse.merge.methods import _kernels
-from modelfuse.merge.methods._base import Params, merge_method, new_empty
-from modelfuse.merge.methods.linear import Weight
+from modelfuse.merge.methods._base import PerModel, merge_method, new_empty
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above this |cos| the two directions count as colinear
 NORM_EPS = 1e-8  # a norm at or below this is taken as 1 (the vector is not normalised)
 
 
-class SlerpShared(Params):
-    t: float = Field(..., ge=0.0, le=1.0, description="0 gives the base model, 1 the other model")
-
-
 @merge_method(
     "slerp",
-    shared=SlerpShared,
     base="required",
     min_models=1,
     max_models=1,
@@ -33,7 +28,12 @@ class SlerpShared(Params):
         'last-bit differences (<= 4e-7)'
     ),
 )
-def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
+def slerp(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    t: Annotated[float, Field(ge=0.0, le=1.0, description="0 gives the base model, 1 the other model")],
+) -> torch.Tensor:
     """Spherical linear interpolation from the base model (t = 0) to the other model (t = 1).
 
     Shoemake (1985), "Animating rotation with quaternion curves", SIGGRAPH: with
@@ -78,13 +78,6 @@ def slerp(xs: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tens
     return out
 
 
-class NuSlerpShared(Params):
-    nuslerp_flatten: bool = Field(True, description="interpolate the whole tensor as one vector")
-    nuslerp_row_wise: bool = Field(
-        False, description="without flatten: vectors along the first dim (True) or the last dim (False)"
-    )
-
-
 def _slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Slerp between corresponding vectors along the last dim; colinear pairs (sin theta < 1e-8) lerp."""
     u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
@@ -98,8 +91,6 @@ def _slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor
 
 @merge_method(
     "nuslerp",
-    shared=NuSlerpShared,
-    per_model=Weight,
     base="optional",
     min_models=2,
     max_models=2,
@@ -114,9 +105,11 @@ def nuslerp(
     xs: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    weight: list[float],
-    nuslerp_flatten: bool,
-    nuslerp_row_wise: bool,
+    weight: PerModel[float] = 1.0,
+    nuslerp_flatten: Annotated[bool, Field(description="interpolate the whole tensor as one vector")] = True,
+    nuslerp_row_wise: Annotated[
+        bool, Field(description="without flatten: vectors along the first dim (True) or the last dim (False)")
+    ] = False,
 ) -> torch.Tensor:
     """Slerp between two models, or between their task vectors when a base is given.
 
@@ -155,15 +148,8 @@ def nuslerp(
     return out.to(dtype)
 
 
-class MultiSlerpShared(Params):
-    normalize_weights: bool = Field(True, description="divide the weights by their sum")
-    eps: float = Field(1e-8, ge=0.0, description="added to norms for numerical stability")
-
-
 @merge_method(
     "multislerp",
-    shared=MultiSlerpShared,
-    per_model=Weight,
     base="optional",
     min_models=1,
     paper="Goddard 2025, Multislerp (goddard.blog); spherical averages: Buss & Fillmore 2001, "
@@ -179,9 +165,9 @@ def multislerp(
     xs: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    weight: list[float],
-    normalize_weights: bool,
-    eps: float,
+    weight: PerModel[float] = 1.0,
+    normalize_weights: Annotated[bool, Field(description="divide the weights by their sum")] = True,
+    eps: Annotated[float, Field(ge=0.0, description="added to norms for numerical stability")] = 1e-8,
 ) -> torch.Tensor:
     """Barycentric spherical interpolation of N models (or of their task vectors, given a base).
 

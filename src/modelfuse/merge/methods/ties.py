@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._sparsify import (
     KeepAll,
     Rescale,
@@ -16,7 +16,6 @@ from modelfuse.merge.methods._sparsify import (
     Threshold,
     TieBreak,
     TopK,
-    WeightDensity,
     gta_merge,
 )
 
@@ -28,23 +27,8 @@ TIE_BREAK_NOTE = (
 )
 
 
-class TiesModel(WeightDensity):
-    threshold: float | None = Field(None, ge=0)
-
-
-class TiesShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = True
-    rescale: Rescale = "none"
-    vote: Literal["weighted", "unweighted"] = "weighted"
-    trim: Literal["tensor", "global"] = "tensor"
-    tie_break: TieBreak = "index"
-
-
 @merge_method(
     "ties",
-    shared=TiesShared,
-    per_model=TiesModel,
     base="required",
     paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, Algorithm 1 "
     "(trim, elect sign, disjoint merge)",
@@ -58,15 +42,15 @@ def ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    threshold: list[float | None],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    vote: str,
-    trim: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    threshold: PerModel[Annotated[float | None, Field(ge=0)]] = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: Rescale = "none",
+    vote: Literal["weighted", "unweighted"] = "weighted",
+    trim: Literal["tensor", "global"] = "tensor",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """TIES: y = base + lambda * sum_i m_i u_i / sum_i m_i w_i over trimmed, sign-agreeing deltas.
 
