@@ -72,6 +72,15 @@ def test_sce_with_per_model_weights_is_mergekits_sce():
         close(merged("sce", xs, base, model_params=[{"weight": 0.2}, {"weight": 3.0}, {}]), np_sce(xs, base, 1.0))
 
 
+def test_sce_of_barely_moved_tensors_averages_uniformly():
+    """mergekit 0.1.5: coefficients are uniform when the task vectors' mean squares sum below 1e-6."""
+    base, xs = around_base(spread=1e-4)  # mean squares ~1e-8
+    energy = [np.mean((x - base) ** 2) for x in xs]
+    assert sum(energy) < 1e-6
+    uniform = np_merge(base, [x - base for x in xs], [1 / 3] * 3, elect=True, normalize=True, lam=1.0)
+    close(merged("sce", xs, base), uniform)
+
+
 def test_model_stock_with_per_model_weights_is_mergekits_model_stock():
     base, xs = around_base()
     with ignoring("weight", "model_stock"):
@@ -122,11 +131,11 @@ def test_unknown_parameter_names_are_refused_with_suggestions():
 # ------------------------------------------------------------------ a base model as an input
 
 
-def test_karcher_includes_the_base_model_first():
-    """mergekit's karcher (easy_define, no base_tensor) gets [base, models...] and ignores weight."""
+def test_karcher_includes_the_base_model_after_the_models():
+    """mergekit's karcher (base policy: ignored) gets [models..., base] and ignores weight."""
     base, xs = around_base()
     got = merged("karcher", xs, base, model_params=[{"weight": w} for w in (0.1, 0.5, 2.0)])
-    close(got, ref_karcher([base, *xs]))
+    close(got, ref_karcher([*xs, base]))
     assert not np.allclose(got, ref_karcher(xs))  # leaving the base out is a different merge
 
 
@@ -221,13 +230,12 @@ def mergekit_magnitude_keep(tau: np.ndarray, density: float) -> np.ndarray:
 
 
 def mergekit_outlier_keep(tau: np.ndarray, density: float, gamma: float) -> np.ndarray:
-    """mergekit.sparsify.magnitude_outliers on CPU: sort(|tau|.float()).indices[n_bot:-n_top]."""
+    """mergekit.sparsify.magnitude_outliers on CPU: sort(|tau|.float()).indices[n_bot:n_bot + target]."""
     n = tau.size
     target, n_top = int(density * n), int(gamma * n)
-    n_bot = n - target - n_top
-    assert n_bot >= 0 and n_top > 0  # the recipe below stays where mergekit's slice is well defined
+    n_bot = max(0, n - target - n_top)
     keep = np.zeros(n, bool)
-    keep[torch.sort(torch.from_numpy(np.abs(tau)).float(), descending=False).indices[n_bot:-n_top].numpy()] = True
+    keep[torch.sort(torch.from_numpy(np.abs(tau)).float(), descending=False).indices[n_bot : n_bot + target].numpy()] = True
     return keep
 
 

@@ -423,13 +423,9 @@ def _plan_models(
 
 
 def _with_base_input(method: MergeMethod, entries: list[ModelEntry], base: str) -> list[ModelEntry]:
-    """The inputs of a method without a base role when the recipe names a base model: mergekit merges
-    the base as one more input (appended after the models unless listed among them; first for the
-    methods mergekit defines through ``easy_define``, such as karcher). Its per-model parameters
-    come from the levels above the models (the top-level ``parameters``)."""
-    listed = [m for m in entries if m.model == base]
-    if not listed:
-        listed = [ModelEntry(model=base)]
+    """The inputs of a method without a base role when the recipe names a base model: mergekit 0.1.5
+    merges the base as one more input, appended after the models unless listed among them. Its
+    per-model parameters come from the levels above the models (the top-level ``parameters``)."""
     others = [m for m in entries if m.model != base]
     if method.max_models is not None and len(others) + 1 > method.max_models:
         raise ConfigError(
@@ -437,9 +433,9 @@ def _with_base_input(method: MergeMethod, entries: list[ModelEntry], base: str) 
             f"base_model {base!r} the base is one more input ({len(others) + 1} in all; mergekit refuses "
             "this recipe as well): remove base_model, or list only the base under models"
         )
-    if method.base_first:
-        return [*listed, *others]
-    return entries if len(listed) == 1 and listed[0] in entries else [*entries, *listed]
+    if len(others) < len(entries):
+        return entries
+    return [*entries, ModelEntry(model=base)]
 
 
 def _plan_slices(

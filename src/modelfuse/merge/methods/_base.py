@@ -108,8 +108,6 @@ class MergeMethod:
     - ``mergekit``: how mergekit 0.1.5's method of this name differs, or ``not in mergekit``
       (whether its base is an input, which parameters it ignores, numerical differences);
       ``modelfuse merge --list-methods`` prints it and the model card quotes it.
-    - ``base_first``: with ``base: "none"``, a recipe's base model is one more input; it goes
-      first (else after the listed models), in mergekit's order.
     """
 
     name: str
@@ -122,7 +120,6 @@ class MergeMethod:
     randomized: bool
     paper: str
     mergekit: str = ""
-    base_first: bool = False
 
     @property
     def doc(self) -> str:
@@ -258,7 +255,6 @@ def merge_method(
     max_models: int | None = None,
     paper: str = "",
     mergekit: str = "",
-    base_first: bool = False,
     check_model: Callable[[Any], None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` as merge method ``name``; the function itself is returned unchanged.
@@ -272,7 +268,7 @@ def merge_method(
         METHODS.register(
             name,
             MergeMethod(
-                name, fn, shared, per_model, base, min_models, max_models, randomized, paper, mergekit, base_first
+                name, fn, shared, per_model, base, min_models, max_models, randomized, paper, mergekit
             ),
             same=lambda old, new: old.fn is new.fn,
         )

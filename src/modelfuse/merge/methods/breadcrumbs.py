@@ -36,10 +36,7 @@ def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: s
     "breadcrumbs", base="required", paper=PAPER,
     mergekit=(
         'base: required, not an input. Bit-equal with tie_break: sort; '
-    ) + TIE_BREAK_NOTE + (
-        '. mergekit keeps nothing where gamma n < 1 (its [n_bot:-n_top] slice); modelfuse keeps '
-        'the density window'
-    ),
+    ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
@@ -62,9 +59,9 @@ def breadcrumbs(
     ``torch.sort`` orders them, mergekit's CPU output bit for bit); n_top = floor(gamma n), target = floor(d n), n_bot = max(0, n - target
     - n_top); keep sorted positions [n_bot, n_bot + target). So the top fraction removed is
     gamma, shrunk when gamma + d > 1 so that d is always what stays; density 1 keeps all.
-    No rescale and no division by default. (mergekit's sparsify.py slices the sorted
+    No rescale and no division by default. (mergekit before 0.1.5 sliced the sorted
     positions as ``[n_bot:-n_top]``, which keeps nothing when n_top = 0, i.e. gamma n < 1;
-    this follows the formula above instead.)
+    0.1.5 and this follow the formula above.)
     """
     parts = _crumbs(density, gamma, rescale, tie_break)
     return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
@@ -76,10 +73,7 @@ def breadcrumbs(
     paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
     mergekit=(
         'base: required, not an input. Bit-equal with tie_break: sort; '
-    ) + TIE_BREAK_NOTE + (
-        '. mergekit keeps nothing where gamma n < 1 (its [n_bot:-n_top] slice); modelfuse keeps '
-        'the density window'
-    ),
+    ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],

@@ -15,7 +15,6 @@ from modelfuse.merge.methods._base import PerModel, merge_method
     "karcher",
     base="none",
     min_models=1,
-    base_first=True,
     paper="Karcher 1977, Riemannian center of mass and mollifier smoothing; spherical algorithm: "
     "Buss & Fillmore 2001: m <- Exp_m(sum_i a_i Log_m(u_i))",
     mergekit=(
@@ -49,7 +48,7 @@ def karcher(
     (their zero norm still counts in the scale); all such models give zeros; a start whose norm
     is below tol is replaced by the first unit vector; terms with theta_i < tol are skipped; the
     iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is never passed: a
-    recipe's ``base_model`` is one more input of the mean, the first one, as in mergekit. Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in the first model's dtype.
+    recipe's ``base_model`` is one more input of the mean (after the listed models), as in mergekit. Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in the first model's dtype.
     """
     if len(xs) == 1:
         return xs[0].clone()

@@ -35,8 +35,8 @@ def nearswap(
     w = clamp(t / max(|base - x|, 1e-6), 0, 1) and y = w x + (1 - w) base, so elements that
     differ by at most t are taken from x, and ones that differ by d > t move t/d of the way.
 
-    mergekit semantics (as measured for 0.1.5): t must be > 0; the difference is floored at
-    1e-6 (mergekit's source divides by the raw difference and maps inf/nan to 1, which differs
+    mergekit semantics (0.1.5's source): t must be > 0; the difference is floored at 1e-6
+    (earlier mergekit divided by the raw difference and mapped inf/nan to 1, which differs
     only where |base - x| < 1e-6 and t < 1e-6). Computed elementwise in the base tensor's
     dtype, as mergekit does.
     """
