@@ -18,9 +18,7 @@ from modelfuse.merge.methods._base import merge_method
     paper="alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (model card): "
     "w = clamp(t / |base - x|, 0, 1), y = w x + (1 - w) base",
     mergekit=(
-        'base: required, not an input. mergekit divides by the raw difference (inf/nan -> 1), '
-        'modelfuse floors it at 1e-6: they differ only where |base - x| < 1e-6 and t < 1e-6. '
-        'Bit-equal otherwise'
+        "base: required, not an input. Same formula (the difference floored at 1e-6): bit-equal"
     ),
 )
 def nearswap(

@@ -24,8 +24,8 @@ NORM_EPS = 1e-8  # a norm at or below this is taken as 1 (the vector is not norm
     paper="Shoemake 1985, Animating rotation with quaternion curves: "
     "slerp(p0, p1; t) = sin((1-t) theta)/sin theta p0 + sin(t theta)/sin theta p1",
     mergekit=(
-        'base: required (t = 0 gives it), not an input. Ignores weight. Angles in float64: '
-        'last-bit differences (<= 4e-7)'
+        "base: required (t = 0 gives it), not an input. Ignores weight. Angles in float64 "
+        "(mergekit: the inputs' dtype): last-bit differences (<= 4.8e-7 measured)"
     ),
 )
 def slerp(
@@ -97,8 +97,9 @@ def _slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor
     paper="mergekit (Goddard et al. 2024, Arcee's MergeKit) NuSLERP; slerp of Shoemake 1985 "
     "with t = w_2 / (w_1 + w_2)",
     mergekit=(
-        'base: optional, not an input (with one, the task vectors are interpolated). mergekit '
-        'requires weight, modelfuse defaults it to 1. Computed in float64: last-bit differences'
+        "base: optional, not an input (with one, the task vectors are interpolated). mergekit "
+        "requires weight, modelfuse defaults it to 1. Computed in float64 (mergekit: the inputs' "
+        "dtype): last-bit differences (<= 4.8e-7 measured)"
     ),
 )
 def nuslerp(
@@ -155,10 +156,10 @@ def nuslerp(
     paper="Goddard 2025, Multislerp (goddard.blog); spherical averages: Buss & Fillmore 2001, "
     "Spherical averages and applications to spherical splines and interpolation",
     mergekit=(
-        'base: optional, not an input (with one, the task vectors are interpolated). mergekit '
-        'requires weight, modelfuse defaults it to 1. Where every task vector is zero modelfuse '
-        'returns the base (mergekit raises for three or more models). Computed in float64: '
-        'last-bit differences (<= 4e-7)'
+        "base: optional, not an input (with one, the task vectors are interpolated). mergekit "
+        "requires weight, modelfuse defaults it to 1. Where every task vector is zero modelfuse "
+        "returns the base (mergekit raises for three or more models). Computed in float64 "
+        "(mergekit: the inputs' dtype): last-bit differences (<= 2.4e-7 measured)"
     ),
 )
 def multislerp(
