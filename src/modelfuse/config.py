@@ -8,6 +8,7 @@ pydantic schema and reports problems through these helpers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +79,39 @@ def valid_fields(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(schema.model_fields)
 
 
-def problems(exc: ValidationError, schema: type[BaseModel]) -> dict[str, str]:
-    """Field path -> message for each of pydantic's errors (the first per path), unknown fields
-    listing the valid ones."""
+def problems(
+    exc: ValidationError,
+    schema: type[BaseModel] | None = None,
+    *,
+    message: Callable[[Any], tuple[str, str] | None] | None = None,
+) -> dict[str, str]:
+    """Field path -> message for each of pydantic's errors (the first per path): what was expected
+    and ``(found X)``. The one formatter of validation errors in modelfuse.
+
+    With ``schema``, an unknown field says so and lists the fields valid at its place. ``message``
+    may replace the (path, message) of an error (given pydantic's error dict; None keeps the default).
+    """
     seen: dict[str, str] = {}
     for err in exc.errors():
+        custom = message(err) if message is not None else None
+        if custom is not None:
+            seen.setdefault(*custom)
+            continue
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and schema is not None:
             msg = "unknown field"
             valid = valid_fields(schema, err["loc"])
             if valid:
                 msg += f" (valid here: {', '.join(valid)})"
+        elif err["type"] != "missing" and not (err["type"] == "value_error" and "found" in msg):
+            msg += f" (found {shown(err['input'])})"  # a validator's own message may say it already
         seen.setdefault(location(err["loc"]), msg)
     return seen
+
+
+def describe(exc: ValidationError, schema: type[BaseModel] | None = None, **kwargs: Any) -> str:
+    """:func:`problems` as one line: ``path: message; path: message``."""
+    return "; ".join(f"{where}: {msg}" for where, msg in problems(exc, schema, **kwargs).items())
 
 
 def validate(schema: type[BaseModel], data: Any, source: str, what: str = "recipe") -> Any:
@@ -100,5 +121,4 @@ def validate(schema: type[BaseModel], data: Any, source: str, what: str = "recip
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        text = "; ".join(f"{where}: {msg}" for where, msg in problems(exc, schema).items())
-        raise ConfigError(f"{source}: invalid {what}: {text}") from None
+        raise ConfigError(f"{source}: invalid {what}: {describe(exc, schema)}") from None

@@ -125,7 +125,7 @@ def np_sce(xs, base, select_topk):
         keep[np.argsort(-var.ravel(), kind="stable")[:k]] = True
         d = d * keep.reshape(var.shape)
     energy = np.array([(di**2).mean() for di in d])
-    eta = energy / energy.sum() if energy.sum() else np.full(len(d), 1 / len(d))
+    eta = energy / energy.sum() if abs(energy.sum()) >= 1e-6 else np.full(len(d), 1 / len(d))  # mergekit 0.1.5
     return np_merge(base, list(d), eta, elect=True, normalize=True, lam=1.0, votes=list(d))
 
 

@@ -135,23 +135,38 @@ def _print_plan(plan: Any, out: str | None) -> None:
     )
 
 
-def _print_methods() -> None:
-    from rich.console import Console
-    from rich.table import Table
+def method_block(name: str) -> str:
+    """One method's entry of ``--list-methods``: base use, parameters with defaults, paper, mergekit parity."""
+    from modelfuse.merge import get_method
 
-    from modelfuse.merge import get_method, list_methods
-
-    table = Table(header_style="bold", title="merge methods")
-    for col in ("method", "base", "per-model parameters", "shared parameters", "paper"):
-        table.add_column(col, overflow="fold")
+    m = get_method(name)
 
     def fields(schema: Any) -> str:
-        return ", ".join(f"{f.alias or n}={f.default!r}" for n, f in schema.model_fields.items())
+        shown = [
+            f"{f.alias or n}" + ("" if f.is_required() else f"={f.default!r}") for n, f in schema.model_fields.items()
+        ]
+        return ", ".join(shown) or "(none)"
 
-    for name in list_methods():
-        m = get_method(name)
-        table.add_row(name, m.base, fields(m.per_model), fields(m.shared), m.paper.split(":")[0])
-    Console().print(table)
+    count = f"{m.min_models}" + ("+" if m.max_models is None else f"-{m.max_models}" if m.max_models != m.min_models else "")
+    lines = [
+        f"{name}",
+        f"  base: {m.base}; models besides the base: {count}{'; randomised (--seed)' if m.randomized else ''}",
+        f"  per-model parameters: {fields(m.per_model)}",
+        f"  shared parameters: {fields(m.shared)}",
+        f"  paper: {m.paper or '(none)'}",
+        f"  mergekit: {m.mergekit or '(not recorded)'}",
+    ]
+    return "\n".join(lines)
+
+
+def _print_methods() -> None:
+    from modelfuse.merge import list_methods
+
+    print(
+        "merge methods (mergekit: how mergekit 0.1.5's method of the same name differs; parameters a method "
+        "does not use but another one does are ignored with a warning, as mergekit ignores them)\n"
+    )
+    print("\n\n".join(method_block(name) for name in list_methods()))
 
 
 def _fmt(value: Any) -> str:

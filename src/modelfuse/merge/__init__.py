@@ -10,9 +10,11 @@ import types
 
 from modelfuse.merge.api import merge, merge_modules, merge_state_dicts, plan_merge
 from modelfuse.merge.methods import MergeMethod, get_method, list_methods, merge_method
+from modelfuse.merge.plan import IgnoredParameterWarning
 from modelfuse.merge.recipe import Recipe, load_recipe, parse_recipe
 
 __all__ = [
+    "IgnoredParameterWarning",
     "MergeMethod",
     "Recipe",
     "get_method",

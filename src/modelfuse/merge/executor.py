@@ -357,6 +357,8 @@ def model_card(plan: MergePlan, recipe_text: str, out: Path) -> str:
         f"This model was merged with [modelfuse](https://pypi.org/project/modelfuse/) {__version__} "
         f"using the `{plan.recipe.merge_method}` method{paper}."
     )
+    if method is not None and method.mergekit:
+        lines += ["", f"mergekit parity of `{method.name}`: {method.mergekit}."]
     lines += ["", "## Models", ""]
     if plan.base:
         lines.append(f"* base: {plan.base}")

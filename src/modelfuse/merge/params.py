@@ -53,12 +53,12 @@ def interpolate(gradient: Sequence[float], t: float) -> float:
 _NO_MATCH = object()
 
 
-def evaluate(value: Any, name: str, t: float) -> Any:
+def resolve_value(value: Any, name: str, t: float) -> Any:
     """One setting's value for tensor ``name`` at depth ``t``; ``_NO_MATCH`` when no filter matches."""
     if isinstance(value, list) and value and isinstance(value[0], Condition):
         for cond in value:
             if cond.filter in (None, "*", "") or cond.filter in name:
-                return evaluate(cond.value, name, t)
+                return resolve_value(cond.value, name, t)
         return _NO_MATCH
     if isinstance(value, list):
         return interpolate(value, t)
@@ -69,7 +69,7 @@ def lookup(key: str, levels: Sequence[Mapping[str, Any]], name: str, t: float, d
     """The value of ``key`` from the first level (highest precedence first) whose setting applies."""
     for params in levels:
         if key in params:
-            found = evaluate(params[key], name, t)
+            found = resolve_value(params[key], name, t)
             if found is not _NO_MATCH:
                 return found
     return default

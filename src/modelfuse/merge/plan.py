@@ -7,7 +7,9 @@ checkpoints' headers), so ``--plan`` and ``--dry-run`` are instant and every mis
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from modelfuse.merge.params import (
     lookup,
     with_layer,
 )
-from modelfuse.merge.recipe import Recipe
+from modelfuse.merge.recipe import ModelEntry, Recipe
 
 #: mergekit parameters accepted for compatibility that cannot change the result (memory only)
 NO_EFFECT = frozenset({"int8_mask"})
@@ -119,8 +121,30 @@ def _from_hub(repo_id: str) -> str:
     return hub.snapshot_download(repo_id, allow_patterns=patterns)
 
 
+class IgnoredParameterWarning(UserWarning):
+    """A recipe sets a parameter the merge method does not use; it is ignored, as mergekit ignores it."""
+
+
+def known_parameters() -> dict[str, list[str]]:
+    """Every parameter name some registered method takes (aliases as written in recipes) -> those methods."""
+    from modelfuse.merge.methods import METHODS
+
+    known: dict[str, list[str]] = {key: [] for key in NO_EFFECT}
+    for name in METHODS.names():
+        m = METHODS.get(name)
+        for schema in (m.shared, m.per_model):
+            for field_name, f in schema.model_fields.items():
+                known.setdefault(f.alias or field_name, []).append(name)
+    return known
+
+
 def _check_names(method: MergeMethod, params: Mapping[str, Any], where: str, model_level: bool) -> list[str]:
-    """Validate a parameter block's names and every value it can produce; returns notes."""
+    """Validate a parameter block's names and every value it can produce; returns notes.
+
+    A name this method does not take but another registered method does (``weight`` under
+    ``sce``) is ignored with an :class:`IgnoredParameterWarning`, as mergekit ignores it; a
+    name no method knows is an error listing the valid ones and the close matches.
+    """
     notes = []
     shared, per_model = set(method.shared.model_fields), set(method.per_model.model_fields)
     aliases = {f.alias: n for n, f in method.shared.model_fields.items() if f.alias}
@@ -142,13 +166,26 @@ def _check_names(method: MergeMethod, params: Mapping[str, Any], where: str, mod
             for v in candidate_values(value):
                 method.check_shared({key: v}, f"{where}.{key}")
         else:
+            known = known_parameters()
+            if key in known:
+                users = ", ".join(known[key][:4]) + (" ..." if len(known[key]) > 4 else "")
+                warnings.warn(
+                    IgnoredParameterWarning(
+                        f"{where}.{key}: merge method {method.name!r} does not use parameter {key!r} "
+                        f"(a parameter of {users}); it is ignored, as mergekit ignores it"
+                    ),
+                    stacklevel=2,
+                )
+                continue
             valid = sorted(
                 [method.shared.model_fields[n].alias or n for n in shared]
                 + [method.per_model.model_fields[n].alias or n for n in per_model]
             )
+            close = difflib.get_close_matches(str(key), [*valid, *known], n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(map(repr, dict.fromkeys(close)))}?" if close else ""
             raise ConfigError(
-                f"{where}.{key}: merge method {method.name!r} has no parameter {key!r}; "
-                f"valid: {', '.join(valid) or '(none)'}"
+                f"{where}.{key}: merge method {method.name!r} has no parameter {key!r} and no registered "
+                f"method knows it; valid: {', '.join(valid) or '(none)'}.{hint}"
             )
     return notes
 
@@ -282,15 +319,17 @@ def _plan(
             f"merge method {method.name!r} needs a base model: add 'base_model: PATH' to the recipe "
             "(the model the others were fine-tuned from)"
         )
-    if method.base == "none" and base is not None:
-        listed = [m.model for m in recipe.models or []] + [
-            s.model for sl in recipe.slices or [] for s in sl.sources
-        ]
-        if base not in listed:
+    if method.base == "none" and base is not None and recipe.models is not None:
+        if base not in [m.model for m in recipe.models]:
             notes.append(
-                f"merge method {method.name!r} does not use a base model: base_model {base!r} is only "
-                "used for config and tokenizer files (list it under models to average it in)"
+                f"merge method {method.name!r} has no base role: base_model {base!r} is one more input "
+                "model, as in mergekit (remove base_model to leave it out)"
             )
+    elif method.base == "none" and base is not None:
+        notes.append(
+            f"merge method {method.name!r} has no base role: with slices, base_model {base!r} is merged "
+            "only where a slice lists it among its sources (as in mergekit)"
+        )
 
     if not allow_mismatch:
         archs = {ref: _architecture(ck) for ref, ck in models.items() if ck.config}
@@ -342,6 +381,8 @@ def _plan_models(
 ) -> list[TensorTask]:
     assert recipe.models is not None
     entries = [m for m in recipe.models if method.base == "none" or m.model != base]
+    if method.base == "none" and base is not None:
+        entries = _with_base_input(method, entries, base)
     if not entries:
         raise ConfigError(
             f"merge method {method.name!r} needs models besides the base; 'models' lists only the base"
@@ -379,6 +420,22 @@ def _plan_models(
             )
         )
     return tasks
+
+
+def _with_base_input(method: MergeMethod, entries: list[ModelEntry], base: str) -> list[ModelEntry]:
+    """The inputs of a method without a base role when the recipe names a base model: mergekit 0.1.5
+    merges the base as one more input, appended after the models unless listed among them. Its
+    per-model parameters come from the levels above the models (the top-level ``parameters``)."""
+    others = [m for m in entries if m.model != base]
+    if method.max_models is not None and len(others) + 1 > method.max_models:
+        raise ConfigError(
+            f"merge method {method.name!r} takes at most {method.max_models} model(s), and with "
+            f"base_model {base!r} the base is one more input ({len(others) + 1} in all; mergekit refuses "
+            "this recipe as well): remove base_model, or list only the base under models"
+        )
+    if len(others) < len(entries):
+        return entries
+    return [*entries, ModelEntry(model=base)]
 
 
 def _plan_slices(

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modelfuse.config import location, read_yaml, shown, valid_fields
+from modelfuse.config import describe, location, read_yaml, shown
 from modelfuse.errors import ConfigError
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007  (pydantic reads the union in this order)
@@ -136,24 +136,18 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        seen: dict[str, str] = {}
-        for err in exc.errors():
-            where = location(err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if "parameters" in err["loc"][:-1] and err["type"] != "extra_forbidden":
-                msg = (
-                    "a parameter value is a number, a boolean, a gradient (a list of numbers) or a list "
-                    f"of {{filter, value}} conditions; found {shown(err['input'])}"
-                )
-                where = location(err["loc"][: err["loc"].index("parameters") + 2])
-            elif err["type"] == "extra_forbidden":
-                msg = "unknown field"
-                valid = valid_fields(Recipe, err["loc"])
-                if valid:
-                    msg += f" (valid here: {', '.join(valid)})"
-            seen.setdefault(where, msg)
-        problems = "; ".join(f"{where}: {msg}" for where, msg in seen.items())
-        raise ConfigError(f"{source}: invalid recipe: {problems}") from None
+        raise ConfigError(f"{source}: invalid recipe: {describe(exc, Recipe, message=_parameter_value)}") from None
+
+
+def _parameter_value(err: Any) -> tuple[str, str] | None:
+    """A bad parameter value gets one message at the parameter (not one per member of the union)."""
+    loc = err["loc"]
+    if "parameters" not in loc[:-1] or err["type"] == "extra_forbidden":
+        return None
+    return location(loc[: loc.index("parameters") + 2]), (
+        "a parameter value is a number, a boolean, a gradient (a list of numbers) or a list "
+        f"of {{filter, value}} conditions; found {shown(err['input'])}"
+    )
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -4,6 +4,9 @@ A method is ``fn(xs, base, *, <per-model lists>, <shared scalars>, [generator]) 
 ``xs`` are the models' versions of one tensor (the base excluded), ``base`` the base
 model's (or None), per-model parameters arrive as lists aligned with ``xs`` (``weight``,
 ``density``...), shared parameters as scalars (``t``, ``lambda_``, ``normalize``...).
+The annotated signature is the method's only parameter declaration: ``weight: PerModel[float]
+= 1.0`` is a per-model parameter, ``t: Annotated[float, Field(ge=0, le=1)]`` a required shared
+one, and :func:`merge_method` derives the pydantic schemas from it (``pydantic.create_model``).
 Methods never do I/O and never see tensor names; the executor resolves parameters per
 tensor (filters, gradients) and calls them. Randomised methods take a seeded
 ``generator``. Each method's docstring names its paper and the equation it implements,
@@ -14,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import keyword
 import threading
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from modelfuse.errors import ConfigError
 from modelfuse.registry import Registry
@@ -73,6 +78,24 @@ class NoParams(Params):
     """A method without parameters of this kind."""
 
 
+class _PerModelMarker:
+    def __repr__(self) -> str:
+        return "PER_MODEL"
+
+
+#: the metadata that marks a keyword parameter as per-model (see ``PerModel``)
+PER_MODEL = _PerModelMarker()
+
+T = TypeVar("T")
+
+#: ``PerModel[T]``: a per-model parameter whose values have type ``T`` (the function receives a
+#: list, one value per model); its default in the signature is one model's value, as in mergekit
+PerModel = Annotated[list[T], PER_MODEL]
+
+#: a kept fraction (TIES', DARE's... ``density``): 0 < d <= 1
+Density = Annotated[float, Field(gt=0, le=1)]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: its function, parameter schemas and input requirements.
@@ -82,6 +105,9 @@ class MergeMethod:
     - ``base``: whether a base model is required, optional or not used.
     - ``min_models`` / ``max_models``: how many models besides the base it accepts.
     - ``randomized``: takes a ``generator`` (seeded per tensor by the executor).
+    - ``mergekit``: how mergekit 0.1.5's method of this name differs, or ``not in mergekit``
+      (whether its base is an input, which parameters it ignores, numerical differences);
+      ``modelfuse merge --list-methods`` prints it and the model card quotes it.
     """
 
     name: str
@@ -93,6 +119,7 @@ class MergeMethod:
     max_models: int | None
     randomized: bool
     paper: str
+    mergekit: str = ""
 
     @property
     def doc(self) -> str:
@@ -157,13 +184,12 @@ def _defaults(schema: type[Params]) -> dict[str, Any]:
 def _validate(method: MergeMethod, schema: type[Params], values: dict[str, Any], where: str) -> Params:
     from pydantic import ValidationError
 
+    from modelfuse.config import describe
+
     try:
         return schema.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']} (found {err['input']!r})"
-            for err in exc.errors()
-        )
+        problems = describe(exc)
         valid = ", ".join(f.alias or n for n, f in schema.model_fields.items()) or "(none)"
         raise ConfigError(
             f"merge method {method.name!r} {where}: {problems}. Valid parameters here: {valid}"
@@ -173,38 +199,77 @@ def _validate(method: MergeMethod, schema: type[Params], values: dict[str, Any],
 METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
+def schemas(
+    name: str, fn: Callable[..., torch.Tensor], check_model: Callable[[Any], None] | None = None
+) -> tuple[type[Params], type[Params], bool]:
+    """The (shared, per-model) pydantic schemas that ``fn``'s keyword-only parameters declare, and
+    whether it takes a ``generator``.
+
+    ``PerModel[T]`` parameters are per-model fields of type ``T``, the others shared fields;
+    a signature default is the field's default (none: required); ``Annotated[T, Field(...)]``
+    carries constraints and descriptions; ``lambda_`` (a Python keyword with ``_``) is
+    written ``lambda`` in recipes. ``check_model`` validates one model's parameters together
+    (raising ValueError with a message naming the fields).
+    """
+    hints = typing.get_type_hints(fn, include_extras=True)
+    shared: dict[str, Any] = {}
+    per_model: dict[str, Any] = {}
+    randomized = False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.name == "generator":
+            randomized = True
+            continue
+        if p.name not in hints:
+            raise TypeError(f"merge method {name!r}: keyword parameter {p.name!r} has no type annotation")
+        ann = hints[p.name]
+        target = shared
+        if typing.get_origin(ann) is Annotated and any(m is PER_MODEL for m in ann.__metadata__):
+            (ann,) = typing.get_args(typing.get_args(ann)[0])  # PerModel[X] = Annotated[list[X], ...]
+            target = per_model
+        alias = p.name[:-1] if p.name.endswith("_") and keyword.iskeyword(p.name[:-1]) else None
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        target[p.name] = (ann, Field(default, alias=alias) if alias else default)
+    title = "".join(part.title() for part in name.split("_"))
+    validators = {}
+    if check_model is not None:
+
+        def _check(self: Any) -> Any:
+            check_model(self)
+            return self
+
+        validators["_check"] = model_validator(mode="after")(_check)
+    shared_schema = create_model(f"{title}Shared", __base__=Params, **shared)
+    per_model_schema = create_model(
+        f"{title}PerModel", __base__=Params, __validators__=validators or None, **per_model
+    )
+    return shared_schema, per_model_schema, randomized
+
+
 def merge_method(
     name: str,
     *,
-    shared: type[Params] = NoParams,
-    per_model: type[Params] = NoParams,
     base: BaseUse = "optional",
     min_models: int = 1,
     max_models: int | None = None,
     paper: str = "",
+    mergekit: str = "",
+    check_model: Callable[[Any], None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` as merge method ``name``; the function itself is returned unchanged.
 
-    The function's keyword parameters must be exactly the schemas' fields (``lambda`` is
-    the keyword ``lambda_``), plus ``generator`` for randomised methods.
+    Its parameter schemas come from its annotated keyword-only parameters (see
+    :func:`schemas`); ``generator`` marks a randomised method.
     """
 
     def decorator(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        kw = {
-            p.name
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
-        fields = set(shared.model_fields) | set(per_model.model_fields)
-        randomized = "generator" in kw
-        if kw - {"generator"} != fields:
-            raise TypeError(
-                f"merge method {name!r}: keyword parameters {sorted(kw - {'generator'})} do not match "
-                f"its schemas' fields {sorted(fields)}"
-            )
+        shared, per_model, randomized = schemas(name, fn, check_model)
         METHODS.register(
             name,
-            MergeMethod(name, fn, shared, per_model, base, min_models, max_models, randomized, paper),
+            MergeMethod(
+                name, fn, shared, per_model, base, min_models, max_models, randomized, paper, mergekit
+            ),
             same=lambda old, new: old.fn is new.fn,
         )
         return fn

@@ -32,10 +32,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params
 from modelfuse.merge.methods._random import model_seeds, uniforms
 from modelfuse.merge.methods._select import MagnitudeCut, MagnitudeSource, top_k_cut, window_cut
 from modelfuse.merge.methods._task_vectors import TaskVectors, default_block, work_dtype
@@ -65,13 +64,6 @@ Rescale = Annotated[RescaleMode, BeforeValidator(_rescale_from_bool)]
 
 #: how equal magnitudes at a cut are ordered (see the module docstring)
 TieBreak = Literal["index", "sort"]
-
-
-class WeightDensity(Params):
-    """Per-model parameters of every sparsifying method: task-vector weight and kept fraction."""
-
-    weight: float = 1.0
-    density: float = Field(1.0, gt=0, le=1)
 
 
 class Sparsifier:

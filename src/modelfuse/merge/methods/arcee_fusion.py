@@ -31,6 +31,10 @@ def quantile_threshold(scores: torch.Tensor) -> torch.Tensor:
     max_models=1,
     paper="Arcee AI 2025, MergeKit v0.1 release (Arcee Fusion), no paper: "
     "y = base + [s >= median(s) + 1.5 IQR(s)] (x - base), s = |x - base| KL(softmax x || softmax base)",
+    mergekit=(
+        'base: required, not an input. mergekit takes quantiles of an unseeded random sample of '
+        "1e6 scores on larger tensors; modelfuse's are exact: bit-equal below 1e6 entries"
+    ),
 )
 def arcee_fusion(xs: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Keep the other model's value where its importance clears a dynamic threshold, else the base.

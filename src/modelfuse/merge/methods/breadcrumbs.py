@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._engine import gta_merge
-from modelfuse.merge.methods._sparsifiers import KeepAll, Rescale, Sparsifier, TieBreak, WeightDensity, Window
+from modelfuse.merge.methods._sparsifiers import KeepAll, Rescale, Sparsifier, TieBreak, Window
+from modelfuse.merge.methods.ties import TIE_BREAK_NOTE
 
 PAPER = (
     "Davari & Belilovsky 2024, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
@@ -15,15 +18,8 @@ PAPER = (
 )
 
 
-class BreadcrumbsModel(WeightDensity):
-    gamma: float = Field(0.01, ge=0, le=1)
-
-
-class BreadcrumbsShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
-    rescale: Rescale = "none"
-    tie_break: TieBreak = "index"
+#: breadcrumbs' per-model fraction of the largest magnitudes removed
+Gamma = Annotated[float, Field(ge=0, le=1)]
 
 
 def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: str) -> list[Sparsifier]:
@@ -31,19 +27,22 @@ def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: s
 
 
 @merge_method(
-    "breadcrumbs", shared=BreadcrumbsShared, per_model=BreadcrumbsModel, base="required", paper=PAPER
+    "breadcrumbs", base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Bit-equal with tie_break: sort; '
+    ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    gamma: PerModel[Gamma] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "none",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """Breadcrumbs: y = base + lambda * sum_i w_i crumbs_i (``normalize``: / sum_i w_i).
 
@@ -54,9 +53,9 @@ def breadcrumbs(
     ``torch.sort`` orders them, mergekit's CPU output bit for bit); n_top = floor(gamma n), target = floor(d n), n_bot = max(0, n - target
     - n_top); keep sorted positions [n_bot, n_bot + target). So the top fraction removed is
     gamma, shrunk when gamma + d > 1 so that d is always what stays; density 1 keeps all.
-    No rescale and no division by default. (mergekit's sparsify.py slices the sorted
+    No rescale and no division by default. (mergekit before 0.1.5 sliced the sorted
     positions as ``[n_bot:-n_top]``, which keeps nothing when n_top = 0, i.e. gamma n < 1;
-    this follows the formula above instead.)
+    0.1.5 and this follow the formula above.)
     """
     parts = _crumbs(density, gamma, rescale, tie_break)
     return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
@@ -64,22 +63,23 @@ def breadcrumbs(
 
 @merge_method(
     "breadcrumbs_ties",
-    shared=BreadcrumbsShared,
-    per_model=BreadcrumbsModel,
     base="required",
     paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
+    mergekit=(
+        'base: required, not an input. Bit-equal with tie_break: sort; '
+    ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs_ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    gamma: PerModel[Gamma] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "none",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """Breadcrumbs masks, then TIES' sign election: y = base + lambda * sum_i m_i w_i crumbs_i.
 

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._engine import gta_merge
 from modelfuse.merge.methods._random import model_seeds
-from modelfuse.merge.methods._sparsifiers import KeepAll, RandomKeep, Rescale, Sparsifier, WeightDensity
+from modelfuse.merge.methods._sparsifiers import KeepAll, RandomKeep, Rescale, Sparsifier
 
 PAPER = (
     "Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models "
     "as a Free Lunch, DARE: m ~ Bernoulli(p), tau' = (1 - m) * tau / (1 - p)"
 )
 
-
-class DareShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
-    rescale: Rescale = "l1"
+#: how the random masks relate to mergekit's (quoted in --list-methods and model cards)
+RANDOM_MASK_NOTE = (
+    "random masks come from modelfuse's seeded SplitMix64 stream, not torch's bernoulli: "
+    "equal to mergekit's in distribution, bit-equal only at density 1"
+)
 
 
 def _drops(
@@ -29,17 +28,22 @@ def _drops(
     return [KeepAll() if d >= 1 else RandomKeep(d, rescale, s) for d, s in zip(density, seeds)]
 
 
-@merge_method("dare_linear", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+@merge_method(
+    "dare_linear", base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def dare_linear(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE then task arithmetic: y = base + lambda * sum_i w_i dropped_i (``normalize``: / sum_i w_i).
 
@@ -58,17 +62,22 @@ def dare_linear(
     return gta_merge(xs, base, parts, weight, elect=False, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("dare_ties", shared=DareShared, per_model=WeightDensity, base="required", paper=PAPER)
+@merge_method(
+    "dare_ties", base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. L1 rescale and weighted vote as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def dare_ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE drops, then TIES' sign election: y = base + lambda * sum_i m_i w_i dropped_i.
 

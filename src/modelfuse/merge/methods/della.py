@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field, model_validator
+from typing import Annotated, Any
 
-from modelfuse.merge.methods._base import Params, merge_method
+import torch
+from pydantic import Field
+
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._engine import gta_merge
 from modelfuse.merge.methods._random import model_seeds
 from modelfuse.merge.methods._sparsifiers import (
@@ -13,9 +15,9 @@ from modelfuse.merge.methods._sparsifiers import (
     RankKeep,
     Rescale,
     Sparsifier,
-    WeightDensity,
     check_della_range,
 )
+from modelfuse.merge.methods.dare import RANDOM_MASK_NOTE
 
 PAPER = (
     "Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
@@ -23,26 +25,16 @@ PAPER = (
 )
 
 
-class DellaModel(WeightDensity):
-    epsilon: float = Field(0.15, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _probabilities_in_range(self) -> DellaModel:
-        try:
-            check_della_range(self.density, self.epsilon)
-        except Exception as exc:  # pydantic wants ValueError; the message names both fields
-            raise ValueError(str(exc)) from None
-        return self
+#: DELLA's per-model spread of the keep probabilities around the density
+Epsilon = Annotated[float, Field(ge=0, lt=1)]
 
 
-class DellaShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = True
-    rescale: Rescale = "l1"
-
-
-class DellaLinearShared(DellaShared):
-    normalize: bool = False
+def _probabilities_in_range(model: Any) -> None:
+    """One model's density and epsilon together (a per-model schema check)."""
+    try:
+        check_della_range(model.density, model.epsilon)
+    except Exception as exc:  # pydantic wants ValueError; the message names both fields
+        raise ValueError(str(exc)) from None
 
 
 def _prunes(
@@ -59,18 +51,23 @@ def _prunes(
     ]
 
 
-@merge_method("della", shared=DellaShared, per_model=DellaModel, base="required", paper=PAPER)
+@merge_method(
+    "della", base="required", paper=PAPER, check_model=_probabilities_in_range,
+    mergekit=(
+        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def della(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    epsilon: PerModel[Epsilon] = 0.15,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DELLA: MagPrune each task vector, then TIES' vote and mean: y = base + lambda sum m_i u_i / D.
 
@@ -90,18 +87,23 @@ def della(
     return gta_merge(xs, base, parts, weight, elect=True, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("della_linear", shared=DellaLinearShared, per_model=DellaModel, base="required", paper=PAPER)
+@merge_method(
+    "della_linear", base="required", paper=PAPER, check_model=_probabilities_in_range,
+    mergekit=(
+        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+    ) + RANDOM_MASK_NOTE,
+)
 def della_linear(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    epsilon: PerModel[Epsilon] = 0.15,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: Rescale = "l1",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DELLA's MagPrune without the vote: y = base + lambda * sum_i w_i pruned_i.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from modelfuse.merge.methods._base import merge_method
-from modelfuse.merge.methods.tsv import AlphaShared, apply, orthonormal_polar, task_vectors
+from modelfuse.merge.methods.tsv import Alpha, apply, orthonormal_polar, task_vectors
 
 ISO_PAPER = (
     "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and "
@@ -14,17 +16,15 @@ ISO_PAPER = (
 )
 
 
-class IsoCTSShared(AlphaShared):
-    common_space_fraction: float = Field(0.8, ge=0.0, le=1.0)
-
-
 @merge_method(
     "iso_c",
-    shared=AlphaShared,
     base="required",
     paper=f"{ISO_PAPER} (Iso-C): theta = theta_0 + alpha U mean(sigma) V^T, U S V^T = sum_i tau_i",
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's Iso-C)"
+    ),
 )
-def iso_c(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: float) -> torch.Tensor:
+def iso_c(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: Alpha = 1.0) -> torch.Tensor:
     """Iso-C: task arithmetic's sum with every singular value replaced by their mean.
 
     Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer (ICML 2025), "No Task Left
@@ -59,15 +59,21 @@ def iso_cts_sizes(r: int, n_tasks: int, common_space_fraction: float) -> tuple[i
 
 @merge_method(
     "iso_cts",
-    shared=IsoCTSShared,
     base="required",
     paper=(
         f"{ISO_PAPER} (Iso-CTS): theta = theta_0 + alpha mean(sigma) U_perp V_perp^T over the common "
         "and task-specific subspaces"
     ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's Iso-CTS)"
+    ),
 )
 def iso_cts(
-    xs: list[torch.Tensor], base: torch.Tensor, *, alpha: float, common_space_fraction: float
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    alpha: Alpha = 1.0,
+    common_space_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8,
 ) -> torch.Tensor:
     """Iso-CTS: common subspace of the summed task matrix plus each task's own directions, isotropic.
 

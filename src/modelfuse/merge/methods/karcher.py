@@ -2,39 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
-from modelfuse.merge.methods.linear import Weight
-
-
-class KarcherShared(Params):
-    max_iter: int = Field(10, ge=0, description="most fixed-point iterations")
-    tol: float = Field(1e-5, ge=0.0, description="stop when the tangent step is shorter than this")
-    weighted: bool = Field(
-        False, description="use the models' weights (the weighted Karcher mean); mergekit ignores them"
-    )
+from modelfuse.merge.methods._base import PerModel, merge_method
 
 
 @merge_method(
     "karcher",
-    shared=KarcherShared,
-    per_model=Weight,
     base="none",
     min_models=1,
     paper="Karcher 1977, Riemannian center of mass and mollifier smoothing; spherical algorithm: "
     "Buss & Fillmore 2001: m <- Exp_m(sum_i a_i Log_m(u_i))",
+    mergekit=(
+        "base: no role; a named base_model is one more input of the mean, after the listed models "
+        "(as mergekit 0.1.5 appends it). Ignores weight (weighted: true is modelfuse's, not "
+        "mergekit's). Same operations and precision: bit-equal (float32)"
+    ),
 )
 def karcher(
     xs: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    weight: list[float],
-    max_iter: int,
-    tol: float,
-    weighted: bool,
+    weight: PerModel[float] = 1.0,
+    max_iter: Annotated[int, Field(ge=0, description="most fixed-point iterations")] = 10,
+    tol: Annotated[float, Field(ge=0.0, description="stop when the tangent step is shorter than this")] = 1e-5,
+    weighted: Annotated[
+        bool, Field(description="use the models' weights (the weighted Karcher mean); mergekit ignores them")
+    ] = False,
 ) -> torch.Tensor:
     """Karcher (Frechet) mean of the unit vectors u_i = x_i / |x_i|, times the mean norm.
 
@@ -48,14 +46,16 @@ def karcher(
     a_i = w_i / sum w; not in mergekit); models with |x_i| <= tol take no part in the direction
     (their zero norm still counts in the scale); all such models give zeros; a start whose norm
     is below tol is replaced by the first unit vector; terms with theta_i < tol are skipped; the
-    iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is not used: list
-    the base among the models to include it (mergekit includes a recipe's base model in the
-    mean). Computed in float64 (float32 norms of large tensors lose ~1e-4 relative), returned in the first model's dtype.
+    iteration stops after ``max_iter`` steps or when |T| < tol. ``base`` is never passed: a
+    recipe's ``base_model`` is one more input of the mean (after the listed models), as in
+    mergekit. Computed as mergekit 0.1.5 computes it, operation for operation: norms in float32
+    (float64 for float64 inputs), unit vectors and the iterate in the inputs' dtype, so float32
+    merges equal mergekit's bit for bit (benchmarks/mergekit_parity.py).
     """
     if len(xs) == 1:
         return xs[0].clone()
     dtype = xs[0].dtype
-    work = torch.float64  # norms and angles of millions of entries need the digits
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     if weighted:
         total = sum(weight)
         if total == 0:
@@ -65,32 +65,35 @@ def karcher(
         alphas = [w / total for w in weight]
     else:
         alphas = [1.0 / len(xs)] * len(xs)
-    vs = [x.to(work).reshape(-1) for x in xs]
-    norms = [v.norm().item() for v in vs]
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    # mergekit 0.1.5's operations in its order and precision: norms in ``work`` (0-dim tensors),
+    # unit vectors and the iterate in the inputs' dtype
+    norms = [torch.linalg.vector_norm(x.to(work)) for x in xs]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return torch.zeros_like(xs[0])
-    units = [vs[i] / norms[i] for i in valid]
+    units = [(xs[i] / norms[i]).to(dtype).reshape(-1) for i in valid]
     total = sum(alphas[i] for i in valid)
     a = [alphas[i] / total for i in valid]
 
-    mean = sum(ai * ui for ai, ui in zip(a, units))
-    mean_norm = mean.norm().item()
-    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
+    mean = torch.zeros_like(units[0])
+    for ai, ui in zip(a, units):
+        mean += ai * ui
+    mean_norm = torch.linalg.vector_norm(mean.to(work))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(dtype)
     for _ in range(max_iter):
         step = torch.zeros_like(mean)
         for ai, ui in zip(a, units):
-            cos = torch.dot(mean, ui).clamp(-1.0, 1.0)
+            cos = torch.clamp(torch.dot(mean, ui), -1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
             step += ai * (theta / torch.sin(theta)) * (ui - cos * mean)
-        step_norm = step.norm()
+        step_norm = torch.linalg.vector_norm(step.to(work))
         if step_norm.item() < tol:
             break
-        mean = torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)
-        unit_norm = mean.norm().item()
-        if unit_norm > tol:
-            mean = mean / unit_norm
+        mean = (torch.cos(step_norm) * mean + torch.sin(step_norm) * (step / step_norm)).to(dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(work))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(dtype)
     scale = sum(ai * n for ai, n in zip(alphas, norms))
     return (scale * mean).reshape(xs[0].shape).to(dtype)

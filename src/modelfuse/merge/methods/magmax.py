@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import merge_method
 from modelfuse.merge.methods.tsv import apply, task_vectors
-
-
-class MagMaxShared(Params):
-    lambda_: float = Field(0.5, alias="lambda", allow_inf_nan=False)
 
 
 @merge_method(
     "magmax",
-    shared=MagMaxShared,
     base="required",
     paper=(
         "Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning: "
         "theta = theta_0 + lambda tau_max, tau_max[j] = tau_{argmax_t |tau_t[j]|}[j]"
     ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's MagMax)"
+    ),
 )
-def magmax(xs: list[torch.Tensor], base: torch.Tensor, *, lambda_: float) -> torch.Tensor:
+def magmax(
+    xs: list[torch.Tensor], base: torch.Tensor, *, lambda_: Annotated[float, Field(allow_inf_nan=False)] = 0.5
+) -> torch.Tensor:
     """MagMax: for every entry j keep the task vector value of largest absolute value.
 
     Marczak, Twardowski, Trzciński, Cygert (ECCV 2024), "MagMax: Leveraging Model Merging for

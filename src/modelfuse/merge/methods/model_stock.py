@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from modelfuse.merge.methods import _kernels
-from modelfuse.merge.methods._base import Params, merge_method, new_empty
+from modelfuse.merge.methods._base import merge_method, new_empty
 from modelfuse.merge.methods._task_vectors import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
 
 
-class ModelStockShared(Params):
-    filter_wise: bool = Field(False, description="one ratio per row (last-dim vector) instead of per tensor")
-
-
 @merge_method(
     "model_stock",
-    shared=ModelStockShared,
     base="required",
     min_models=2,
     paper="Jang, Yun & Han 2024, Model Stock: All we need is just a few fine-tuned models: "
     "t = N cos(theta) / (1 + (N - 1) cos(theta)), w_H = t w_avg + (1 - t) w_0",
+    mergekit=(
+        "base: required, not an input. Ignores weight (accepted with an IgnoredParameterWarning). "
+        "Last-bit differences (<= 4.8e-7 measured)"
+    ),
 )
-def model_stock(xs: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
+def model_stock(
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    filter_wise: Annotated[bool, Field(description="one ratio per row (last-dim vector) instead of per tensor")] = False,
+) -> torch.Tensor:
     """y = t mean_i(x_i) + (1 - t) base with t = N cos(theta) / (1 + (N - 1) cos(theta)).
 
     Jang, Yun & Han (2024), "Model Stock: All we need is just a few fine-tuned models"

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from modelfuse.merge.methods._base import Params, merge_method
-
-
-class Scale(Params):
-    scale: float | None = None
+from modelfuse.merge.methods._base import PerModel, merge_method
 
 
 @merge_method(
     "passthrough",
-    per_model=Scale,
     base="none",
     min_models=1,
     max_models=1,
     paper="no paper (frankenmerges); depth up-scaling: Kim et al. 2023, SOLAR 10.7B, "
     "Scaling large language models with simple yet effective depth up-scaling",
+    mergekit=(
+        'base: no role; a named base_model would be a second input, which mergekit and modelfuse '
+        'refuse. Bit-equal'
+    ),
 )
 def passthrough(
-    xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: list[float | None]
+    xs: list[torch.Tensor], base: torch.Tensor | None, *, scale: PerModel[float | None] = None
 ) -> torch.Tensor:
     """A copy of the single model's tensor, times its ``scale`` when one is given (y = s x).
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import NoParams, Params, merge_method
+from modelfuse.merge.methods._base import merge_method
 from modelfuse.merge.methods._task_vectors import task_vectors
 
 PAPER = (
@@ -14,13 +16,8 @@ PAPER = (
 )
 
 
-class RamShared(Params):
-    epsilon: float = Field(1e-5, ge=0)
-
-
-class RamPlusShared(RamShared):
-    r: float = 0.1
-    alpha: float = Field(0.2, ge=0)
+#: RAM's threshold below which a task-vector entry counts as unchanged
+ChangeThreshold = Annotated[float, Field(ge=0)]
 
 
 def _split(
@@ -34,8 +31,13 @@ def _split(
     return tv * changed, changed, counts, counts > 1, counts == 1
 
 
-@merge_method("ram", shared=RamShared, per_model=NoParams, base="required", paper=PAPER)
-def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
+@merge_method(
+    "ram", base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Same formula; bit-equal'
+    ),
+)
+def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: ChangeThreshold = 1e-5) -> torch.Tensor:
     """RAM: y = base + sum_i (tau_i [unique] + tau_i [shared] / c), c = #{j : |tau_j| > epsilon}.
 
     Paper (Yuan, Shi, Zhang, Liu, Yao, Vosoughi, Lee 2026): RL fine-tunes change sparse,
@@ -49,9 +51,19 @@ def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.
     return (base + merged.reshape_as(base)).to(base.dtype)
 
 
-@merge_method("ramplus_tl", shared=RamPlusShared, per_model=NoParams, base="required", paper=PAPER)
+@merge_method(
+    "ramplus_tl", base="required", paper=PAPER,
+    mergekit=(
+        'base: required, not an input. Same formula (lambda_i in float32); bit-equal'
+    ),
+)
 def ramplus_tl(
-    xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: float, r: float, alpha: float
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    epsilon: ChangeThreshold = 1e-5,
+    r: float = 0.1,
+    alpha: Annotated[float, Field(ge=0)] = 0.2,
 ) -> torch.Tensor:
     """RAM+ computed per tensor: unique changes of model i scaled by lambda_i = 1 + r clip(rho_i, 0, alpha).
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
-from modelfuse.merge.methods._base import NoParams, Params, merge_method
+from modelfuse.merge.methods._base import merge_method
 from modelfuse.merge.methods._engine import merge_deltas
 from modelfuse.merge.methods._task_vectors import sparsified_stack
-
-
-class SceShared(Params):
-    select_topk: float = Field(1.0, gt=0, le=1)
 
 
 def variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -28,23 +26,37 @@ def variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     return mask.view(variance.shape)
 
 
+#: below this total energy the SCE coefficients are uniform (mergekit 0.1.5's threshold)
+UNIFORM_BELOW = 1e-6
+
+
 def energy_weights(deltas: torch.Tensor) -> list[float]:
-    """Matrix-level coefficients: mean of squares of each task vector, normalised to sum 1 (uniform if all 0)."""
+    """Matrix-level coefficients: mean of squares of each task vector, normalised to sum 1.
+
+    Uniform when the means of squares sum to less than 1e-6 (mergekit 0.1.5), so tensors that
+    barely moved (|delta| ~ 1e-3 and below) are averaged rather than weighted by their energy.
+    """
     energy = [torch.sum(d**2).item() / max(d.numel(), 1) for d in deltas]
     total = sum(energy)
-    if total == 0:
+    if abs(total) < UNIFORM_BELOW:
         return [1.0 / len(energy)] * len(energy)
     return [e / total for e in energy]
 
 
 @merge_method(
     "sce",
-    shared=SceShared,
-    per_model=NoParams,
     base="required",
     paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, SCE (select, calculate, erase)",
+    mergekit=(
+        "base: required, not an input. Ignores weight and density (mergekit's sce has no "
+        "per-model parameters; a recipe's are accepted with an IgnoredParameterWarning). Uniform "
+        "coefficients below a total energy of 1e-6, as mergekit. Last-bit differences (<= 2.4e-7 "
+        "measured)"
+    ),
 )
-def sce(xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float) -> torch.Tensor:
+def sce(
+    xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: Annotated[float, Field(gt=0, le=1)] = 1.0
+) -> torch.Tensor:
     """SCE: y = base + sum_i m_i eta_i delta_i / sum_i m_i eta_i over selected, sign-agreeing entries.
 
     Paper (Wan, Zhong, Yang, Chen, Quan 2024, FuseChat): per parameter matrix, Select the
@@ -54,7 +66,7 @@ def sce(xs: list[torch.Tensor], base: torch.Tensor, *, select_topk: float) -> to
     mergekit's semantics (these): with ``select_topk`` < 1 keep the floor(select_topk n_v)
     entries of largest population variance, n_v the entries with non-zero variance
     (``torch.topk`` order), zero the rest in every task vector; eta_i = mean(delta_i^2) /
-    sum_j mean(delta_j^2) (uniform when all are 0); s = +1 where sum_i delta_i >= 0 else -1
+    sum_j mean(delta_j^2) (uniform when that sum is below 1e-6); s = +1 where sum_i delta_i >= 0 else -1
     (unweighted vote), m_i = [sign(delta_i) == s]; divide by sum_i m_i eta_i (0 becomes 1).
     No per-model parameters and no lambda: mergekit's sce ignores ``weight``.
     """

@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from modelfuse.merge.methods import _kernels
-from modelfuse.merge.methods._base import Params, merge_method, new_empty
-from modelfuse.merge.methods.linear import BLOCK, Weight
-
-
-class TaskArithmeticShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
+from modelfuse.merge.methods._base import PerModel, merge_method, new_empty
+from modelfuse.merge.methods.linear import BLOCK
 
 
 @merge_method(
     "task_arithmetic",
-    shared=TaskArithmeticShared,
-    per_model=Weight,
     base="required",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, eq. 1: theta = theta_0 + lambda sum_i tau_i",
+    mergekit=(
+        'base: required, not an input. Uses weight, lambda, normalize; ignores density, gamma, '
+        'epsilon. Bit-equal (float32 and bfloat16)'
+    ),
 )
 def task_arithmetic(
-    xs: list[torch.Tensor], base: torch.Tensor, *, weight: list[float], lambda_: float, normalize: bool
+    xs: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """y = base + lambda * sum_i w_i tau_i with task vectors tau_i = x_i - base.
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import Density, PerModel, merge_method
 from modelfuse.merge.methods._engine import gta_merge
 from modelfuse.merge.methods._sparsifiers import (
     KeepAll,
@@ -17,44 +17,40 @@ from modelfuse.merge.methods._sparsifiers import (
     Threshold,
     TieBreak,
     TopK,
-    WeightDensity,
 )
 
-
-class TiesModel(WeightDensity):
-    threshold: float | None = Field(None, ge=0)
-
-
-class TiesShared(Params):
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = True
-    rescale: Rescale = "none"
-    vote: Literal["weighted", "unweighted"] = "weighted"
-    trim: Literal["tensor", "global"] = "tensor"
-    tie_break: TieBreak = "index"
+#: how tie_break relates to mergekit's bytes (quoted by ties and breadcrumbs in --list-methods and model cards)
+TIE_BREAK_NOTE = (
+    'tie_break: index (the default) orders equal magnitudes at the cut by position, as '
+    "mergekit does on a GPU; mergekit's CPU bytes differ there (about 1e-5 of entries on the "
+    'measured Llama-style recipe): set tie_break: sort to get them bit for bit'
+)
 
 
 @merge_method(
     "ties",
-    shared=TiesShared,
-    per_model=TiesModel,
     base="required",
     paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, Algorithm 1 "
     "(trim, elect sign, disjoint merge)",
+    mergekit=(
+        'base: required, not an input. Bit-equal with tie_break: sort; '
+    ) + TIE_BREAK_NOTE + (
+        '. Not in mergekit: vote, trim, threshold and the rescale modes l2/linf/inverse_density'
+    ),
 )
 def ties(
     xs: list[torch.Tensor],
     base: torch.Tensor,
     *,
-    weight: list[float],
-    density: list[float],
-    threshold: list[float | None],
-    lambda_: float,
-    normalize: bool,
-    rescale: str,
-    vote: str,
-    trim: str,
-    tie_break: str,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    threshold: PerModel[Annotated[float | None, Field(ge=0)]] = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: Rescale = "none",
+    vote: Literal["weighted", "unweighted"] = "weighted",
+    trim: Literal["tensor", "global"] = "tensor",
+    tie_break: TieBreak = "index",
 ) -> torch.Tensor:
     """TIES: y = base + lambda * sum_i m_i u_i / sum_i m_i w_i over trimmed, sign-agreeing deltas.
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
 from modelfuse.errors import ConfigError
-from modelfuse.merge.methods._base import Params, merge_method
+from modelfuse.merge.methods._base import merge_method
 from modelfuse.merge.methods.linear import accumulation_dtype
 
-
-class AlphaShared(Params):
-    alpha: float = Field(1.0, allow_inf_nan=False)
+#: the SVD methods' scaling of the merged task update (a finite number)
+Alpha = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def task_vectors(method: str, xs: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -40,14 +41,16 @@ def orthonormal_polar(a: torch.Tensor) -> torch.Tensor:
 
 @merge_method(
     "tsv_m",
-    shared=AlphaShared,
     base="required",
     paper=(
         "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging (TSV-Merge): "
         "theta = theta_0 + alpha U_perp S V_perp^T"
     ),
+    mergekit=(
+        "not in mergekit 0.1.5 (FusionBench's TSV-Merge)"
+    ),
 )
-def tsv_m(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: float) -> torch.Tensor:
+def tsv_m(xs: list[torch.Tensor], base: torch.Tensor, *, alpha: Alpha = 1.0) -> torch.Tensor:
     """TSV-Merge: concatenate each task's top singular vectors, decorrelate them, sum as one SVD.
 
     Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà (CVPR 2025), "Task Singular
