@@ -114,8 +114,8 @@ def model_count(name: str, want: int = 3) -> int:
 
 
 def base_modes(name: str) -> list[bool]:
-    """With a base (True) and/or without (False), as the method's base role allows."""
-    return {"required": [True], "optional": [True, False], "none": [False]}[get_method(name).base]
+    """With a base (True) and/or without (False), as the method's base role allows (any other role: both)."""
+    return {"required": [True], "none": [False]}.get(get_method(name).base, [True, False])
 
 
 def method_base_params(names: list[str] | None = None) -> list[Any]:
@@ -253,7 +253,7 @@ IDENTITY_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("name", "with_base"), IDENTITY_PARAMS)
 def test_identical_inputs_give_the_input(name, with_base, dtype):
     """Every model equal to x (and the base too, where one is given): the merge is x.
@@ -283,7 +283,7 @@ ZERO_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(("name", "shared", "per_model"), ZERO_PARAMS)
 def test_zero_strength_gives_the_base(name, shared, per_model, dtype):
     """lambda 0 (or alpha 0, slerp's t 0, every weight 0) gives the base model exactly."""
