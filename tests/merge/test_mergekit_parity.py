@@ -88,6 +88,14 @@ def test_model_stock_with_per_model_weights_is_mergekits_model_stock():
     close(got, ref_model_stock(xs, base))
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_keeps_the_base_where_the_ratio_has_no_finite_value(filter_wise):
+    """mergekit 0.1.5: |1 + (N - 1) cos| < 1e-6 (two opposite task vectors: cos = -1) gives t = 0."""
+    base, (x,) = around_base(1)
+    got = merged("model_stock", [x, 2 * base - x], base, filter_wise=filter_wise)
+    assert np.array_equal(got, base)
+
+
 @pytest.mark.parametrize(
     ("method", "n", "params", "ignored", "reference"),
     [
