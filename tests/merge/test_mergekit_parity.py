@@ -299,3 +299,23 @@ def test_the_model_card_quotes_the_methods_mergekit_note(tmp_path, family):
     }
     card = (merge(recipe, tmp_path / "out", progress=False) / "README.md").read_text()
     assert f"mergekit parity of `ties`: {get_method('ties').mergekit}." in card
+
+
+def test_a_mergekit_sce_recipe_runs_unchanged_from_the_command_line(tmp_path, family):
+    """The recipe mergekit runs (weight: 1.0 under each model of an sce merge) merges, with a warning."""
+    import yaml
+
+    from modelfuse.cli import main
+
+    paths, _ = family
+    recipe = {
+        "merge_method": "sce",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0}} for i in (1, 2, 3)],
+        "parameters": {"select_topk": 0.5},
+        "dtype": "float32",
+    }
+    (tmp_path / "sce.yaml").write_text(yaml.safe_dump(recipe))
+    with ignoring("weight", "sce"):
+        assert main(["merge", str(tmp_path / "sce.yaml"), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
