@@ -88,6 +88,14 @@ def test_model_stock_with_per_model_weights_is_mergekits_model_stock():
     close(got, ref_model_stock(xs, base))
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_keeps_the_base_where_the_ratio_has_no_finite_value(filter_wise):
+    """mergekit 0.1.5: |1 + (N - 1) cos| < 1e-6 (two opposite task vectors: cos = -1) gives t = 0."""
+    base, (x,) = around_base(1)
+    got = merged("model_stock", [x, 2 * base - x], base, filter_wise=filter_wise)
+    assert np.array_equal(got, base)
+
+
 @pytest.mark.parametrize(
     ("method", "n", "params", "ignored", "reference"),
     [
@@ -291,3 +299,23 @@ def test_the_model_card_quotes_the_methods_mergekit_note(tmp_path, family):
     }
     card = (merge(recipe, tmp_path / "out", progress=False) / "README.md").read_text()
     assert f"mergekit parity of `ties`: {get_method('ties').mergekit}." in card
+
+
+def test_a_mergekit_sce_recipe_runs_unchanged_from_the_command_line(tmp_path, family):
+    """The recipe mergekit runs (weight: 1.0 under each model of an sce merge) merges, with a warning."""
+    import yaml
+
+    from modelfuse.cli import main
+
+    paths, _ = family
+    recipe = {
+        "merge_method": "sce",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths[f"ft{i}"]), "parameters": {"weight": 1.0}} for i in (1, 2, 3)],
+        "parameters": {"select_topk": 0.5},
+        "dtype": "float32",
+    }
+    (tmp_path / "sce.yaml").write_text(yaml.safe_dump(recipe))
+    with ignoring("weight", "sce"):
+        assert main(["merge", str(tmp_path / "sce.yaml"), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -113,6 +113,10 @@ def merge_state_dicts(
     ``model_params`` gives each model its own parameters (``[{"weight": 0.7}, ...]``);
     other keyword arguments are the method's shared parameters (``t=0.5``, ``density=0.3``
     applies to every model). Parameter values may be filters and gradients as in recipes.
+    As in a recipe's ``base_model``, ``base`` is one more input of the methods without a base
+    role (``linear``, ``karcher``; its per-model parameters are the keyword arguments), and
+    parameters a method does not use but another does are ignored with an
+    :class:`~modelfuse.merge.IgnoredParameterWarning`.
     """
     if not models:
         raise ConfigError("merge_state_dicts needs at least one model")

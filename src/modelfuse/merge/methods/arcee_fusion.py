@@ -32,7 +32,7 @@ def quantile_threshold(scores: torch.Tensor) -> torch.Tensor:
     paper="Arcee AI 2025, MergeKit v0.1 release (Arcee Fusion), no paper: "
     "y = base + [s >= median(s) + 1.5 IQR(s)] (x - base), s = |x - base| KL(softmax x || softmax base)",
     mergekit=(
-        'base: required, not an input. mergekit takes quantiles of an unseeded random sample of '
+        "base: required, not an input. mergekit takes quantiles of an unseeded random sample of "
         "1e6 scores on larger tensors; modelfuse's are exact: bit-equal below 1e6 entries"
     ),
 )

@@ -29,7 +29,7 @@ def _crumbs(density: list[float], gamma: list[float], rescale: str, tie_break: s
 @merge_method(
     "breadcrumbs", base="required", paper=PAPER,
     mergekit=(
-        'base: required, not an input. Bit-equal with tie_break: sort; '
+        "base: required, not an input. Bit-equal with tie_break: sort; "
     ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs(
@@ -66,7 +66,7 @@ def breadcrumbs(
     base="required",
     paper=PAPER + "; with TIES' sign election (Yadav et al. 2023)",
     mergekit=(
-        'base: required, not an input. Bit-equal with tie_break: sort; '
+        "base: required, not an input. Bit-equal with tie_break: sort; "
     ) + TIE_BREAK_NOTE,
 )
 def breadcrumbs_ties(

@@ -31,7 +31,7 @@ def _drops(
 @merge_method(
     "dare_linear", base="required", paper=PAPER,
     mergekit=(
-        'base: required, not an input. L1 rescale as mergekit; '
+        "base: required, not an input. L1 rescale as mergekit; "
     ) + RANDOM_MASK_NOTE,
 )
 def dare_linear(
@@ -65,7 +65,7 @@ def dare_linear(
 @merge_method(
     "dare_ties", base="required", paper=PAPER,
     mergekit=(
-        'base: required, not an input. L1 rescale and weighted vote as mergekit; '
+        "base: required, not an input. L1 rescale and weighted vote as mergekit; "
     ) + RANDOM_MASK_NOTE,
 )
 def dare_ties(

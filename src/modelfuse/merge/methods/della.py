@@ -54,7 +54,7 @@ def _prunes(
 @merge_method(
     "della", base="required", paper=PAPER, check_model=_probabilities_in_range,
     mergekit=(
-        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+        "base: required, not an input. Rank probabilities and L1 rescale as mergekit; "
     ) + RANDOM_MASK_NOTE,
 )
 def della(
@@ -90,7 +90,7 @@ def della(
 @merge_method(
     "della_linear", base="required", paper=PAPER, check_model=_probabilities_in_range,
     mergekit=(
-        'base: required, not an input. Rank probabilities and L1 rescale as mergekit; '
+        "base: required, not an input. Rank probabilities and L1 rescale as mergekit; "
     ) + RANDOM_MASK_NOTE,
 )
 def della_linear(

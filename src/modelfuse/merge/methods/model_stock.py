@@ -12,6 +12,9 @@ from modelfuse.merge.methods._base import merge_method, new_empty
 from modelfuse.merge.methods._task_vectors import BLOCK
 from modelfuse.merge.methods.linear import accumulation_dtype
 
+#: below this |1 + (N - 1) cos| the ratio is taken as 0 (mergekit 0.1.5's guard)
+SINGULAR = 1e-6
+
 
 @merge_method(
     "model_stock",
@@ -41,7 +44,8 @@ def model_stock(
     <tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), each clamped to [-1, 1], per tensor
     (flattened) or, with ``filter_wise``, per row (vectors along the last dim; a 1-D tensor is
     one row). Needs the base and at least two models. Task vectors that are all zero give
-    cos = 0, t = 0: the base. No guard where 1 + (N - 1) cos = 0 (antiparallel task vectors).
+    cos = 0, t = 0: the base. Where |1 + (N - 1) cos| < 1e-6 (task vectors pointing apart so that
+    the ratio has no finite value) t = 0, the base, as in mergekit 0.1.5.
     Computed in float32 (float64 for float64 inputs), returned in the base tensor's dtype.
     Runs in blocks of rows (whole tensor: pass 1 sums the pairwise dot products block by
     block in float64, pass 2 writes the output), so no full-size temporaries exist.
@@ -73,7 +77,9 @@ def model_stock(
             for j in range(i + 1, n)
         ]
         cos = torch.stack(pairs).mean(dim=0)
-        return n * cos / (1 + (n - 1) * cos)
+        den = 1 + (n - 1) * cos
+        singular = den.abs() < SINGULAR  # mergekit 0.1.5: no finite ratio there, keep the base
+        return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, den))
 
     def write(a: int, b: int, w0: torch.Tensor, t: torch.Tensor | float) -> None:
         avg = sum(x[a:b].to(work) for x in flat_xs) / n

@@ -15,8 +15,8 @@ from modelfuse.merge.methods._base import PerModel, merge_method
     paper="no paper (frankenmerges); depth up-scaling: Kim et al. 2023, SOLAR 10.7B, "
     "Scaling large language models with simple yet effective depth up-scaling",
     mergekit=(
-        'base: no role; a named base_model would be a second input, which mergekit and modelfuse '
-        'refuse. Bit-equal'
+        "base: no role; a named base_model would be a second input, which mergekit and modelfuse "
+        "refuse. Bit-equal"
     ),
 )
 def passthrough(

@@ -34,7 +34,7 @@ def _split(
 @merge_method(
     "ram", base="required", paper=PAPER,
     mergekit=(
-        'base: required, not an input. Same formula; bit-equal'
+        "base: required, not an input. Same formula; bit-equal"
     ),
 )
 def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: ChangeThreshold = 1e-5) -> torch.Tensor:
@@ -54,7 +54,7 @@ def ram(xs: list[torch.Tensor], base: torch.Tensor, *, epsilon: ChangeThreshold 
 @merge_method(
     "ramplus_tl", base="required", paper=PAPER,
     mergekit=(
-        'base: required, not an input. Same formula (lambda_i in float32); bit-equal'
+        "base: required, not an input. Same formula (lambda_i in float32); bit-equal"
     ),
 )
 def ramplus_tl(

@@ -36,11 +36,14 @@ def energy_weights(deltas: torch.Tensor) -> list[float]:
     Uniform when the means of squares sum to less than 1e-6 (mergekit 0.1.5), so tensors that
     barely moved (|delta| ~ 1e-3 and below) are averaged rather than weighted by their energy.
     """
-    energy = [torch.sum(d**2).item() / max(d.numel(), 1) for d in deltas]
-    total = sum(energy)
+    n = deltas.shape[0]
+    if deltas.numel() == 0:
+        return [1.0 / n] * n
+    energy = deltas.square().reshape(n, -1).mean(dim=1)  # in the deltas' dtype, as mergekit
+    total = torch.sum(energy).item()
     if abs(total) < UNIFORM_BELOW:
-        return [1.0 / len(energy)] * len(energy)
-    return [e / total for e in energy]
+        return [1.0 / n] * n
+    return (energy / total).tolist()
 
 
 @merge_method(
@@ -48,10 +51,9 @@ def energy_weights(deltas: torch.Tensor) -> list[float]:
     base="required",
     paper="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, SCE (select, calculate, erase)",
     mergekit=(
-        "base: required, not an input. Ignores weight and density (mergekit's sce has no "
-        "per-model parameters; a recipe's are accepted with an IgnoredParameterWarning). Uniform "
-        "coefficients below a total energy of 1e-6, as mergekit. Last-bit differences (<= 2.4e-7 "
-        "measured)"
+        "base: required, not an input. Ignores weight and density (mergekit's sce has no per-model "
+        "parameters; a recipe's are accepted with an IgnoredParameterWarning). Coefficients computed "
+        "as mergekit's (in the deltas' dtype, uniform below a total energy of 1e-6): bit-equal"
     ),
 )
 def sce(

@@ -14,8 +14,8 @@ from modelfuse.merge.methods.linear import BLOCK
     base="required",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, eq. 1: theta = theta_0 + lambda sum_i tau_i",
     mergekit=(
-        'base: required, not an input. Uses weight, lambda, normalize; ignores density, gamma, '
-        'epsilon. Bit-equal (float32 and bfloat16)'
+        "base: required, not an input. Uses weight, lambda, normalize; ignores density, gamma, "
+        "epsilon. Bit-equal (float32 and bfloat16)"
     ),
 )
 def task_arithmetic(

@@ -21,9 +21,9 @@ from modelfuse.merge.methods._sparsifiers import (
 
 #: how tie_break relates to mergekit's bytes (quoted by ties and breadcrumbs in --list-methods and model cards)
 TIE_BREAK_NOTE = (
-    'tie_break: index (the default) orders equal magnitudes at the cut by position, as '
+    "tie_break: index (the default) orders equal magnitudes at the cut by position, as "
     "mergekit does on a GPU; mergekit's CPU bytes differ there (about 1e-5 of entries on the "
-    'measured Llama-style recipe): set tie_break: sort to get them bit for bit'
+    "measured Llama-style recipe): set tie_break: sort to get them bit for bit"
 )
 
 
@@ -33,9 +33,9 @@ TIE_BREAK_NOTE = (
     paper="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, Algorithm 1 "
     "(trim, elect sign, disjoint merge)",
     mergekit=(
-        'base: required, not an input. Bit-equal with tie_break: sort; '
+        "base: required, not an input. Bit-equal with tie_break: sort; "
     ) + TIE_BREAK_NOTE + (
-        '. Not in mergekit: vote, trim, threshold and the rescale modes l2/linf/inverse_density'
+        ". Not in mergekit: vote, trim, threshold and the rescale modes l2/linf/inverse_density"
     ),
 )
 def ties(
