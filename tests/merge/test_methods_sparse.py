@@ -36,6 +36,8 @@ from modelfuse.merge.methods._sparsify import (
     rank_keep_probabilities,
 )
 
+from .kernel_support import require_kernels
+
 # ---------------------------------------------------------------------------------------------
 # NumPy references
 # ---------------------------------------------------------------------------------------------
@@ -938,6 +940,7 @@ def test_kernels_give_the_bytes_of_the_torch_blocks(
     on tie-heavy deltas (a grid: equal magnitudes straddle the cuts, across kernel blocks)
     and on continuous ones, with positive, negative and cancelling weights; with the
     magnitudes' high halves kept between the passes and recomputed (large tensors)."""
+    require_kernels()
     from modelfuse.merge.methods import _kernels, _sparsify
 
     if not store:
@@ -981,6 +984,7 @@ def test_kernels_give_the_bytes_of_the_torch_blocks(
 
 
 def test_kernels_apply_to_float32_cpu_and_leave_the_rest_to_torch():
+    require_kernels()
     from modelfuse.merge.methods import _kernels
 
     calls = []
@@ -1021,6 +1025,7 @@ def test_kernels_apply_to_float32_cpu_and_leave_the_rest_to_torch():
 def test_kernels_split_over_threads_give_the_same_bytes(name, per_model, shared, monkeypatch):
     """Large tensors are merged in ranges of whole blocks on several threads (here 3, whatever
     the machine): equal magnitudes kept by position are found across the range borders."""
+    require_kernels()
     from modelfuse.merge.methods import _kernels
 
     monkeypatch.setattr(_kernels, "cores", lambda: 3)
@@ -1079,6 +1084,7 @@ def test_della_kernels_decide_like_the_full_ranking_on_every_kind_of_row(rescale
     """The C kernels settle most DELLA decisions from coarse buckets and rank only the open
     ones; on rows built to take each of their routes, they keep exactly the entries that the
     torch path's full ranking keeps."""
+    require_kernels()
     rng = np.random.default_rng(3)
     models = [{"density": 0.5, "epsilon": 0.4, "weight": w} for w in (1.0, 0.5, -0.25)]
     for cols in (3000, 1):  # rows of one entry keep it with probability density
