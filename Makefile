@@ -25,9 +25,11 @@ test: $(STAMP)
 	$(BIN)/ruff check $(SRC)
 	$(BIN)/python -m pytest -m "not slow"
 
-## only the long tests (memory checks on big synthetic checkpoints, figures that train model pools)
+## only the long tests (memory checks on big synthetic checkpoints, figures that train model pools),
+## with their output (-s: the figures) and every test's duration. pytest's exit code 5 (no test
+## collected, e.g. a marker renamed) is non-zero, so make fails on it like on a failing test.
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -s --durations=0
 
 test-all: $(STAMP)
 	$(BIN)/ruff check $(SRC)

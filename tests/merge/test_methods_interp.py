@@ -26,6 +26,8 @@ from modelfuse.merge.methods import (  # noqa: F401  (registration)
 )
 from modelfuse.merge.methods._base import get_method
 
+from .kernel_support import require_kernels
+
 SHAPES = [(7,), (4, 6), (3, 2, 5)]
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 2e-5, "atol": 2e-6}}
@@ -534,6 +536,7 @@ def test_slerp_kernels_agree_with_the_torch_path(scale, monkeypatch):
     """The C loops blend in float64 and round once, as the torch code; only the float64
     dot products are summed in another order, so the weights (and at most the last bit of
     a result) may differ; identical inputs (the linear fallback) give the same bytes."""
+    require_kernels()
     from modelfuse.merge.methods import _kernels
 
     monkeypatch.setattr(_kernels, "cores", lambda: 3)  # the blend split over threads
@@ -556,6 +559,7 @@ def test_slerp_kernels_agree_with_the_torch_path(scale, monkeypatch):
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_model_stock_kernels_give_the_bytes_of_the_torch_path(n, monkeypatch):
     """The C output pass sums the models in order and blends in float32 as the torch code."""
+    require_kernels()
     from modelfuse.merge.methods import _kernels
 
     monkeypatch.setattr(_kernels, "cores", lambda: 3)  # split over threads

@@ -18,6 +18,36 @@ def _model(name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
     return create_model(name, input_shape=shape, num_classes=10).eval()
 
 
+def expected_cut_points(model: nn.Module, flatten_after: str | None = None) -> list[str]:
+    """The cut points of ``model`` derived from its module tree, not from the graph: children run in
+    registration order (true of the zoo and of torchvision's ResNet / VGG), every leaf module is one
+    point named by its path with dots as underscores (FX's node names); inside a residual block
+    (``BasicBlock``) the block's input is still needed by the shortcut, so a block gives only its
+    addition (FX's ``add``, ``add_1``, ... in order) and the second call of its ReLU (``..._relu_1``).
+    ``flatten_after`` names the module after which the forward calls ``torch.flatten`` (a function:
+    node ``flatten``)."""
+    names: list[str] = []
+    adds = 0
+
+    def walk(module: nn.Module, path: str) -> None:
+        nonlocal adds
+        node = path.replace(".", "_")
+        if type(module).__name__ == "BasicBlock":
+            names.extend(["add" if adds == 0 else f"add_{adds}", f"{node}_relu_1"])
+            adds += 1
+            return
+        children = list(module.named_children())
+        if not children:
+            names.append(node)
+        for name, child in children:
+            walk(child, f"{path}.{name}" if path else name)
+        if path and path == flatten_after:
+            names.append("flatten")
+
+    walk(model, "")
+    return names
+
+
 @pytest.mark.parametrize(("name", "shape"), ZOO, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in ZOO])
 @torch.no_grad()
 def test_every_cut_of_every_zoo_model_composes_exactly(name, shape):
@@ -25,7 +55,7 @@ def test_every_cut_of_every_zoo_model_composes_exactly(name, shape):
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
     expected = model(x)
     points = cut_points(model, shape)
-    assert len(points) >= 4
+    assert [p.name for p in points] == expected_cut_points(model)
     for point in points:
         front, back = cut(model, point.name)
         middle = front(x)
@@ -43,7 +73,11 @@ def test_every_cut_of_torchvision_models_composes_exactly(arch):
     expected = model(x)
     traced = trace(model)  # traced once; cut takes the GraphModule as it is
     points = cut_points(traced, x)
-    assert len(points) == {"resnet18": 23, "vgg16": 40}[arch]
+    # resnet18: 4 stem modules + 2 per BasicBlock (8 blocks) + avgpool, flatten, fc = 23;
+    # vgg16: 31 feature layers + avgpool, flatten + 7 classifier layers = 40
+    names = expected_cut_points(model, flatten_after="avgpool")
+    assert len(names) == {"resnet18": 4 + 2 * 8 + 3, "vgg16": 31 + 2 + 7}[arch]
+    assert [p.name for p in points] == names
     for point in points:
         front, back = cut(traced, point.name)
         assert torch.equal(back(front(x)), expected), point
@@ -56,22 +90,18 @@ def test_every_cut_of_torchvision_models_composes_exactly(arch):
 def test_cut_points_of_a_resnet_skip_the_inside_of_residual_blocks():
     model = _model("resnet_small", (3, 32, 32))
     points = cut_points(model, (3, 32, 32))
-    # written out by hand: inside a BasicBlock the block's input is still needed by the shortcut
-    assert [p.name for p in points] == [
+    # inside a BasicBlock the block's input is still needed by the shortcut: one addition and the
+    # block's last ReLU per block, between the stem's three modules and the head's four
+    assert [p.name for p in points] == expected_cut_points(model)
+    assert [p.name for p in points][:6] == [
         "stem_conv",
         "stem_bn",
         "stem_relu",
         "add",
         "layers_layer1_0_relu_1",
         "add_1",
-        "layers_layer2_0_relu_1",
-        "add_2",
-        "layers_layer3_0_relu_1",
-        "pool",
-        "flatten",
-        "dropout",
-        "classifier",
     ]
+    assert len(points) == 3 + 2 * 3 + 4
     shapes = {p.name: p.shape for p in points}
     assert shapes["layers_layer2_0_relu_1"] == (32, 16, 16) and shapes["flatten"] == (64,)
     assert "layers.layer2.0" in next(p for p in points if p.name == "layers_layer2_0_relu_1").ends
