@@ -218,5 +218,5 @@ def test_metrics_match_their_definitions():
     assert metrics.disagreement(preds[:1]) == 0.0
     with pytest.raises(ConfigError, match="labels must lie in"):
         metrics.nll(logp, labels + 5)
-    with pytest.raises(ConfigError, match="one label per row"):
+    with pytest.raises(ConfigError, match="one label per sample"):
         metrics.accuracy(logp, labels[:10])
