@@ -14,7 +14,7 @@ from torch import nn
 from modelfuse.ensemble import Ensemble
 from modelfuse.ensemble.packed import PackedEnsemble, pack, supported_modules, unpack
 from modelfuse.errors import ConfigError, EnsembleError
-from modelfuse.zoo import create_model, list_models, model_info
+from modelfuse.zoo import create_model, get_model, list_models
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,7 +26,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-ZOO_CASES = [(name, shape) for name in list_models() for shape in model_info(name).input_shapes]
+ZOO_CASES = [(name, shape) for name in list_models() for shape in get_model(name).input_shapes]
 
 
 def randomise_norms(model: nn.Module, seed: int) -> nn.Module:
@@ -182,7 +182,7 @@ def test_output_plugs_into_ensemble_combiners():
 @pytest.mark.parametrize("arch", [*list_models(), "resnet18"])
 def test_unpack_round_trip_is_exact(arch):
     members = (
-        resnet18_members(3) if arch == "resnet18" else zoo_members(arch, model_info(arch).input_shapes[-1])
+        resnet18_members(3) if arch == "resnet18" else zoo_members(arch, get_model(arch).input_shapes[-1])
     )
     before = [copy.deepcopy(m.state_dict()) for m in members]
     packed = pack(members)
