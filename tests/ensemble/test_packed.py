@@ -567,3 +567,91 @@ def test_supported_modules_lists_the_layers():
     ):
         assert expected in names
     assert "LSTM" not in names
+
+
+# ------------------------------------------------------------------------------------ speed measures keep values
+
+
+def bn_cnn_members(k: int = 3) -> list[nn.Module]:
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        model = create_model("cnn", input_shape=(1, 8, 8), num_classes=5, batch_norm=True)
+        members.append(randomise_norms(model, i).eval())
+    return members
+
+
+def test_batch_norm_folded_into_convolutions_in_eval_mode():
+    members = bn_cnn_members()
+    packed = pack(members)
+    convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all("batch_norm folded in" in repr(c) for c in convs)
+    # the BatchNorms stay registered: state_dict keys are the members' own
+    assert sorted(packed.state_dict()) == sorted(members[0].state_dict())
+    x = batch((1, 8, 8), n=40)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    # with autograd on, in eval mode, the BatchNorm runs after the convolution: same values
+    torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    # changed statistics (in place, as load_state_dict does) reach the folded weights
+    with torch.no_grad():
+        for m in members:
+            m.features.conv2.bn.running_mean.add_(0.25)
+            m.features.conv2.bn.running_var.mul_(2.0)
+        packed.load_state_dict(pack(members).state_dict())
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+        # and so do other devices and dtypes (new tensors)
+        doubled = copy.deepcopy(packed).double()
+        torch.testing.assert_close(doubled(x.double()), stacked(members, x).double(), atol=1e-6, rtol=0)
+    # train mode: batch statistics, running statistics updated per member as before
+    packed.train()
+    for m in members:
+        m.train()
+    torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    assert_states_close(members, packed)
+
+
+def test_large_batches_run_in_chunks_with_the_same_outputs():
+    members = bn_cnn_members(k=4)
+    packed, whole = pack(members), pack(members, chunk_size=0)
+    assert packed.per_sample and packed.chunk_size == 1024 // 4 and whole.chunk_size == 0
+    x = batch((1, 8, 8), n=600)  # 256 + 256 + 88
+    with torch.no_grad():
+        expected = stacked(members, x)
+        got = packed(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, whole(x), atol=1e-5, rtol=0)
+    assert got.shape == (4, 600, 5)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        pack(members, chunk_size=-1)
+
+
+class RowMixing(nn.Module):
+    """Subtracts the batch mean of the input: each sample's output depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
+class BatchReduction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("cls", [RowMixing, BatchReduction])
+def test_batches_are_not_split_where_samples_mix(cls):
+    members = [cls().eval() for _ in range(2)]
+    packed = pack(members, chunk_size=4)
+    assert not packed.per_sample
+    x = batch((4,), n=10)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-6, rtol=0)

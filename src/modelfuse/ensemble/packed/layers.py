@@ -74,13 +74,30 @@ class PackedLinear(nn.Module):
 # From this many input channels per group on, oneDNN's grouped convolution runs 2-3x slower on CPU than
 # the K members' convolutions one by one (ResNet-18's last stages); such layers run per member there.
 SPLIT_CHANNELS = 256
+# Feature maps of at most this many pixels run a 2-D convolution in the standard (NCHW) layout on CPU:
+# there a channels-last grouped convolution took about twice as long (the zoo CNN's last 2x2 layer).
+SMALL_MAP_PIXELS = 4
+
+
+def _tensor_state(tensors: Sequence[torch.Tensor | None]) -> tuple:
+    """What identifies the values of ``tensors`` now: the objects, their in-place versions, storage and dtype."""
+    return tuple(
+        (None,) if t is None else (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.stride())) for t in tensors
+    )
 
 
 class _PackedConv:
     """Shared by the packed convolutions: K members' convolutions as one with groups times K.
 
     On CPU, groups of at least ``SPLIT_CHANNELS`` input channels run as K convolutions over the
-    members' channel slices, concatenated, which oneDNN computes faster than one grouped call.
+    members' channel slices, concatenated, which oneDNN computes faster than one grouped call;
+    2-D feature maps of at most ``SMALL_MAP_PIXELS`` pixels run in the standard layout.
+
+    A BatchNorm that takes this convolution's output (and nothing else does) can be folded in
+    (``fold_batch_norm``): in eval mode without autograd the convolution then runs with the
+    BatchNorm's affine map folded into its weight and bias (computed once, again whenever a
+    parameter or running statistic changes), one pass instead of two; otherwise the BatchNorm
+    runs after the convolution as usual. The module returns the BatchNorm's output either way.
     """
 
     num_members: int
@@ -108,9 +125,63 @@ class _PackedConv:
         packed.bias = _param([m.bias for m in convs])
         return packed
 
+    def fold_batch_norm(self, norm: PackedBatchNorm) -> None:
+        """Run ``norm`` as part of this convolution (see the class); ``norm`` stays registered where it
+        was (its parameters and statistics are its own), this module only refers to it."""
+        if norm.running_mean is None or norm.running_var is None:
+            raise EnsembleError("a BatchNorm without running statistics cannot be folded into a convolution")
+        self.__dict__["_folded_norm"] = norm
+        self.__dict__.pop("_fold_cache", None)
+
+    def _folded(self, norm: PackedBatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of this convolution followed by ``norm`` in eval mode (cached)."""
+        sources = (self.weight, self.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        state = _tensor_state(sources)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is not None and cache[0] == state:
+            return cache[1], cache[2]
+        with torch.no_grad():
+            scale = (norm.running_var.double() + norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+            shift = -norm.running_mean.double() * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+            if self.bias is not None:
+                shift = shift + self.bias.double() * scale
+            view = (-1, *([1] * (self.weight.dim() - 1)))
+            weight = torch.empty_like(self.weight)  # keeps the weight's (channels-last) strides
+            weight.copy_(self.weight.double() * scale.view(view))
+            bias = shift.to(self.weight.dtype)
+        self.__dict__["_fold_cache"] = (state, weight, bias)
+        return weight, bias
+
+    def _standard_layout_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in the standard (contiguous) layout, cached while it is unchanged."""
+        if weight.is_contiguous():
+            return weight
+        state = _tensor_state((weight,))
+        cache = self.__dict__.get("_standard_cache")
+        if cache is not None and cache[0] == state and cache[1] is weight:
+            return cache[2]
+        standard = weight.detach().contiguous() if not torch.is_grad_enabled() else weight.contiguous()
+        if not torch.is_grad_enabled():
+            self.__dict__["_standard_cache"] = (state, weight, standard)
+        return standard
+
     def forward(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """``shared``: ``x`` is the same for all members and each member's convolution has groups=1,
         so one ordinary convolution with the K weights stacked gives the packed output."""
+        norm = self.__dict__.get("_folded_norm")
+        if norm is not None and not norm.training and not torch.is_grad_enabled():
+            weight, bias = self._folded(norm)
+            return self._convolve(x, shared, weight, bias)
+        out = self._convolve(x, shared, self.weight, self.bias)
+        return out if norm is None else norm(out)
+
+    def _convolve(
+        self, x: torch.Tensor, shared: bool, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         conv = self._conv_fn
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -118,12 +189,15 @@ class _PackedConv:
         else:
             padding = self.padding
         k = self.num_members
-        if shared or x.device.type != "cpu" or self.in_channels // self.groups < SPLIT_CHANNELS:
+        cpu = x.device.type == "cpu"
+        if shared or not cpu or self.in_channels // self.groups < SPLIT_CHANNELS:
             groups = self._member_groups if shared else self.groups
-            return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, groups)
+            if cpu and x.dim() == 4 and x.shape[2] * x.shape[3] <= SMALL_MAP_PIXELS:
+                x, weight = x.contiguous(), self._standard_layout_weight(weight)
+            return conv(x, weight, bias, self.stride, padding, self.dilation, groups)
         xs = [xi.contiguous() for xi in x.chunk(k, dim=1)]  # oneDNN is slow on strided (channels-last) slices
-        ws = self.weight.chunk(k, dim=0)
-        bs = self.bias.chunk(k, dim=0) if self.bias is not None else [None] * k
+        ws = weight.chunk(k, dim=0)
+        bs = bias.chunk(k, dim=0) if bias is not None else [None] * k
         outs = [
             conv(xi, wi, bi, self.stride, padding, self.dilation, self._member_groups)
             for xi, wi, bi in zip(xs, ws, bs)
@@ -131,7 +205,8 @@ class _PackedConv:
         return torch.cat(outs, dim=1)
 
     def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, " + nn.modules.conv._ConvNd.extra_repr(self)
+        folded = ", batch_norm folded in" if "_folded_norm" in self.__dict__ else ""
+        return f"num_members={self.num_members}, " + nn.modules.conv._ConvNd.extra_repr(self) + folded
 
 
 class PackedConv1d(_PackedConv, nn.Conv1d):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import collections
 import copy
 import inspect
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from modelfuse.ensemble.packed.layers import PackedBatchNorm, _PackedConv
 from modelfuse.ensemble.packed.ops import (
     _BINARY_BY_NAME,
     _BINARY_FUNCTIONS,
@@ -95,6 +97,11 @@ class _Rewriter:
         self.modules: dict[str, nn.Module] = {}
         self.packed_modules: dict[str, nn.Module] = {}
         self.fresh: set[fx.Node] = set()  # old nodes whose new value is a tensor made by the node itself
+        self.calls = collections.Counter(str(n.target) for n in traced.graph.nodes if n.op == "call_module")
+        self.folded: dict[str, str] = {}  # BatchNorm target -> the convolution target it runs inside
+        # whether each sample's output depends on that sample alone in eval mode (then batches may be
+        # split into chunks); False as soon as an operation may mix the rows
+        self.per_sample = True
 
     # -- helpers
     def own_module(self, target: str) -> nn.Module | None:
@@ -105,6 +112,23 @@ class _Rewriter:
             return self.existing.get_submodule(target)
         except AttributeError:  # a layer the forward ran as a function (ReLU, Flatten)
             return None
+
+    def folds_into(self, node: fx.Node, arg: Any) -> fx.Node | None:
+        """The new graph's convolution node that BatchNorm ``node`` folds into, or None.
+
+        Folds when ``arg`` is the only call of a packed convolution, this BatchNorm its only
+        user and the BatchNorm's only call, with running statistics (eval mode uses them)."""
+        if not isinstance(arg, fx.Node) or arg.op != "call_module" or len(arg.users) != 1:
+            return None
+        norm = self.packed_modules.get(str(node.target))
+        conv = self.packed_modules.get(str(arg.target))
+        if not isinstance(norm, PackedBatchNorm) or not isinstance(conv, _PackedConv):
+            return None
+        if norm.running_mean is None or self.calls[str(node.target)] != 1 or self.calls[str(arg.target)] != 1:
+            return None
+        if norm.num_features != conv.out_channels:
+            return None
+        return self.env[arg][0]
 
     def refuse(self, node: fx.Node, why: str) -> EnsembleError:
         return EnsembleError(f"cannot pack graph node {node.name!r} ({_describe(node)}): {why}")
@@ -137,6 +161,8 @@ class _Rewriter:
         if PACKED in kinds:
             return False
         new = self.graph.node_copy(node, lambda n: self.env[n][0])
+        if SHARED in kinds:
+            self.per_sample = False  # any function of the input itself may mix its rows (x - x.mean(0))
         self.emit(node, new, SHARED if SHARED in kinds else META)
         return True
 
@@ -215,6 +241,8 @@ class _Rewriter:
         if cls in _SOFTMAX_MODULES:
             op = _SOFTMAX_MODULES[cls]
             if kind == SHARED:
+                if not (isinstance(module.dim, int) and module.dim > 0):
+                    self.per_sample = False
                 new = self.call(getattr(torch, op), (self.env[arg][0], module.dim))
             else:
                 new = self.call(_dim_op, (self.packed(arg), self.k, node.name, op, module.dim))
@@ -228,6 +256,13 @@ class _Rewriter:
                     else _PACKED_MODULES[cls]([m.get_submodule(target) for m in self.members])
                 )
             self.modules[target] = self.packed_modules[target]
+            producer = self.folds_into(node, arg)
+            if producer is not None:  # conv -> BatchNorm: the convolution runs the BatchNorm (see _PackedConv)
+                self.packed_modules[str(arg.target)].fold_batch_norm(self.packed_modules[target])
+                self.folded[target] = str(arg.target)
+                if arg in self.fresh:
+                    self.fresh.add(node)
+                return self.emit(node, producer, PACKED)
             # an input all members share meets the stacked weights once, without being repeated; not for
             # convolutions of one input channel, which run faster as grouped (depthwise-like) ones
             # over the repeated input
@@ -396,6 +431,10 @@ class _Rewriter:
             raise self.refuse(node, f"unexpected arguments {sorted(unknown)}")
         given.pop("_stacklevel", None)
         given = {key: val for key, val in self.value(given).items() if not (key == "dtype" and val is None)}
+        dims = given.get("dim")
+        # a packed tensor has >= 2 dims, so -1 is never the batch dim; other negative dims may be
+        if not all(isinstance(d, int) and (d > 0 or d == -1) for d in (dims if isinstance(dims, (tuple, list)) else [dims])):
+            self.per_sample = False
         x = self.packed(node.args[0])
         self.emit(node, self.call(_dim_op, (x, self.k, node.name, op), given), PACKED)
 
