@@ -11,8 +11,11 @@ train mode, and gradients reach each member's block as if trained separately. Th
 is speed: one large kernel instead of K small ones (Laurent et al. 2023, "Packed-Ensembles
 for Efficient Uncertainty Estimation", with alpha = 1, gamma = 1). Inputs that all members
 share run once until they meet a member's weights; on CPU, 2-D convolution weights are kept
-channels-last, ReLUs of fresh activations run in place when no gradient is needed, and
-wide groups run per member (see ``SPLIT_CHANNELS``): measured choices, none changes a value.
+channels-last (maps of at most ``SMALL_MAP_PIXELS`` pixels excepted), ReLUs of fresh
+activations run in place when no gradient is needed, wide groups run per member (see
+``SPLIT_CHANNELS``), in eval mode a BatchNorm after a convolution is folded into it, and
+large eval batches run in chunks (``CHUNK_SAMPLES``): measured choices
+(``benchmarks/packed_ensemble.py``), none changes a value beyond float rounding.
 
 The packed module returns the members' outputs stacked as (K, N, ...), the layout of
 ``Ensemble.member_outputs``, so ``Ensemble.combine_outputs`` and the registered combiners
@@ -27,6 +30,7 @@ Modules: ``ops`` (the functions the packed graph calls), ``layers`` (the packed 
 """
 
 from modelfuse.ensemble.packed.layers import (
+    SMALL_MAP_PIXELS,
     SPLIT_CHANNELS,
     PackedBatchNorm,
     PackedConv1d,
@@ -35,10 +39,12 @@ from modelfuse.ensemble.packed.layers import (
     PackedLayerNorm,
     PackedLinear,
 )
-from modelfuse.ensemble.packed.module import PackedEnsemble, pack, unpack
+from modelfuse.ensemble.packed.module import CHUNK_SAMPLES, PackedEnsemble, pack, unpack
 from modelfuse.ensemble.packed.support import supported_modules
 
 __all__ = [
+    "CHUNK_SAMPLES",
+    "SMALL_MAP_PIXELS",
     "SPLIT_CHANNELS",
     "PackedBatchNorm",
     "PackedConv1d",
