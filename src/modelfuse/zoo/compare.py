@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from modelfuse.errors import ConfigError
-from modelfuse.zoo.metrics import check_logits_labels
+from modelfuse.zoo.metrics import check_logits_labels, nll
 
 #: resampled means computed per block (draws x samples stay below this many indices)
 _BLOCK = 4_000_000
@@ -209,8 +209,8 @@ def room_for_fusion(logits: Any, labels: Any, names: Any = None) -> FusionRoom:
     tensors, y = _checked(dict(zip(names, models)), labels)
     right = torch.stack([t.argmax(1) == y for t in tensors])  # (K, N)
     accuracies = right.double().mean(1)
-    nlls = torch.stack([F.cross_entropy(t, y) for t in tensors])
-    best = min(range(len(tensors)), key=lambda i: (-float(accuracies[i]), float(nlls[i])))
+    nlls = [nll(t, y) for t in tensors]
+    best = min(range(len(tensors)), key=lambda i: (-float(accuracies[i]), nlls[i]))
     others = torch.cat([right[:best], right[best + 1 :]]).any(0)
     return FusionRoom(
         n=int(y.shape[0]),
