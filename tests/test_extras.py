@@ -26,13 +26,13 @@ CORE_WITHOUT_EXTRAS = textwrap.dedent(
     from modelfuse.data import load
     from modelfuse.errors import MissingExtraError
     from modelfuse.io import open_checkpoint, write_checkpoint
-    from modelfuse.zoo import create_model, evaluate, list_models, model_info, train
+    from modelfuse.zoo import create_model, evaluate, list_models, get_model, train
     from modelfuse.cli import main
 
     assert load("digits", upsample=True).input_shape == (3, 32, 32)
     data = load("digits")
     for name in list_models():
-        for shape in model_info(name).input_shapes:
+        for shape in get_model(name).input_shapes:
             model = create_model(name, input_shape=shape, num_classes=10).eval()
             assert model(torch.zeros(2, *shape)).shape == (2, 10), (name, shape)
     model = create_model("mlp", input_shape=data.input_shape, num_classes=10)

@@ -44,3 +44,50 @@ def test_check_options_lists_valid_options():
 
     with pytest.raises(ConfigError, match=r"missing required option.*root"):
         check_options("dataset 'image_folder'", needs_root, {})
+
+
+# every registry speaks one vocabulary: register_X / get_X / list_X (adapters: a fixed set, get and list)
+VOCABULARY = [
+    ("modelfuse.ensemble", "combiner", "combiners", "mean_prob"),
+    ("modelfuse.ensemble", "box_fusion", "box_fusions", "weighted_boxes_fusion"),
+    ("modelfuse.features", "feature_fusion", "feature_fusions", "concat"),
+    ("modelfuse.structure", "branch_combine", "branch_combines", "concat"),
+    ("modelfuse.structure", "adapter", "adapters", "conv1x1"),
+    ("modelfuse.data", "dataset", "datasets", "digits"),
+    ("modelfuse.zoo", "model", "models", "cnn"),
+]
+
+
+@pytest.mark.parametrize(("module", "one", "many", "known"), VOCABULARY, ids=[v[1] for v in VOCABULARY])
+def test_every_registry_has_register_get_list(module, one, many, known):
+    import importlib
+
+    mod = importlib.import_module(module)
+    listed = getattr(mod, f"list_{many}")()
+    assert known in listed and listed == sorted(listed)
+    assert getattr(mod, f"list_{many}")(known[:2] + "*")[0].startswith(known[:2])
+    assert getattr(mod, f"get_{one}")(known) is not None
+    with pytest.raises(RegistryError, match="Registered:"):
+        getattr(mod, f"get_{one}")(known + "_no_such_entry")
+    assert hasattr(mod, f"register_{one}") == (one != "adapter")  # adapters: a fixed set
+
+
+def test_old_registry_names_are_gone():
+    import modelfuse.data
+    import modelfuse.ensemble
+    import modelfuse.ensemble.metrics
+    import modelfuse.features
+    import modelfuse.structure
+    import modelfuse.zoo
+
+    old = {
+        modelfuse.ensemble: ["COMBINERS", "BOX_FUSIONS"],
+        modelfuse.ensemble.metrics: ["evaluate"],
+        modelfuse.features: ["FUSIONS", "register_fusion", "get_fusion"],
+        modelfuse.structure: ["ADAPTERS", "COMBINES"],
+        modelfuse.data: ["dataset_entrypoint"],
+        modelfuse.zoo: ["model_info"],
+    }
+    for mod, names in old.items():
+        for name in names:
+            assert not hasattr(mod, name), f"{mod.__name__}.{name}"

@@ -16,14 +16,14 @@ from modelfuse.zoo import (
     Callback,
     create_model,
     evaluate,
+    get_model,
     list_models,
-    model_info,
     predict,
     register_model,
     train,
 )
 
-CASES = [(name, shape) for name in list_models() for shape in model_info(name).input_shapes]
+CASES = [(name, shape) for name in list_models() for shape in get_model(name).input_shapes]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 def test_registry_lists_the_reference_architectures():
     assert set(list_models()) >= {"mlp", "cnn", "cnn1d", "vgg_small", "resnet_small"}
     assert list_models("cnn*") == ["cnn", "cnn1d"]
-    assert all(model_info(n).doc for n in list_models())
+    assert all(get_model(n).doc for n in list_models())
 
 
 @pytest.mark.parametrize(("name", "shape"), CASES, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in CASES])
@@ -87,7 +87,7 @@ def test_every_model_builds_runs_and_traces(name, shape):
 
 @pytest.mark.parametrize("name", ["cnn", "vgg_small", "resnet_small", "cnn1d"])
 def test_conv_models_run_on_other_input_sizes(name):
-    shape = model_info(name).input_shapes[0]
+    shape = get_model(name).input_shapes[0]
     model = create_model(name, input_shape=shape, num_classes=4).eval()
     for size in (3, 5, 17):
         x = torch.randn(2, shape[0], *([size] * (len(shape) - 1)))

@@ -98,7 +98,7 @@ def test_levels_nest_and_the_seed_fixes_the_result():
             torch.zeros(5, 3),
             torch.zeros(4, dtype=torch.long),
             {},
-            "logits_b must be (samples, classes)",
+            "4 labels for 5 samples of logits_b",
         ),
         (
             torch.zeros(4, 3),
@@ -114,8 +114,8 @@ def test_levels_nest_and_the_seed_fixes_the_result():
             {},
             "logits_a must be (samples, classes)",
         ),
-        (torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4), {}, "labels must be a non-empty 1-D integer"),
-        (torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), {}, "non-empty"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4), {}, "labels must be a 1-D integer"),
+        (torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), {}, "logits_a has 0 samples"),
         (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor([0, 1, 2, 3]), {}, "labels must lie in [0, 3)"),
         (
             torch.zeros(4, 3, dtype=torch.long),
@@ -209,7 +209,7 @@ def test_room_for_fusion_equals_numpy_on_random_models():
             [torch.zeros(3, 2), torch.zeros(4, 2)],
             torch.tensor([0, 1, 0]),
             ["a", "b"],
-            "b must be (samples, classes)",
+            "3 labels for 4 samples of b",
         ),
     ],
 )

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from modelfuse.ensemble.boxes import (
-    BOX_FUSIONS,
     CONF_TYPES,
     fuse_boxes_batch,
+    get_box_fusion,
+    list_box_fusions,
     nms,
     soft_nms,
     weighted_boxes_fusion,
@@ -360,12 +361,12 @@ def test_batch_gives_the_single_image_results_and_names_the_image():
     images = [random_detections(seed) for seed in range(4)]
     batch = [[tensors(part) for part in image[:3]] for image in images]
     boxes, scores, labels = (list(x) for x in zip(*batch))
-    assert BOX_FUSIONS.names() == ["nms", "soft_nms", "weighted_boxes_fusion"]
-    for method in BOX_FUSIONS.names():
+    assert list_box_fusions() == ["nms", "soft_nms", "weighted_boxes_fusion"]
+    for method in list_box_fusions():
         results = fuse_boxes_batch(boxes, scores, labels, method=method, iou_thr=0.45)
         assert len(results) == len(images)
         for (b, s, lab), got in zip(batch, results):
-            for x, y in zip(BOX_FUSIONS.get(method)(b, s, lab, iou_thr=0.45), got):
+            for x, y in zip(get_box_fusion(method)(b, s, lab, iou_thr=0.45), got):
                 torch.testing.assert_close(x, y)
     bad = [list(x) for x in boxes]
     bad[2] = [b.flip(1) if len(b) else b for b in bad[2]]

@@ -88,7 +88,7 @@ def test_fitting_bad_inputs_are_clear_errors(pool, fitter):
     bad[1, 3, 0] = float("nan")
     with pytest.raises(ConfigError, match="NaN"):
         fitter.fit(bad, labels)
-    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 3\]"):
+    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 4\)"):
         fitter.fit(outputs, labels + 4)
 
 

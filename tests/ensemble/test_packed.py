@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from modelfuse.ensemble import Ensemble
 from modelfuse.ensemble.packed import PackedEnsemble, pack, supported_modules, unpack
 from modelfuse.errors import ConfigError, EnsembleError
-from modelfuse.zoo import create_model, list_models, model_info
+from modelfuse.zoo import create_model, get_model, list_models
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,7 +26,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-ZOO_CASES = [(name, shape) for name in list_models() for shape in model_info(name).input_shapes]
+ZOO_CASES = [(name, shape) for name in list_models() for shape in get_model(name).input_shapes]
 
 
 def randomise_norms(model: nn.Module, seed: int) -> nn.Module:
@@ -181,7 +182,7 @@ def test_output_plugs_into_ensemble_combiners():
 @pytest.mark.parametrize("arch", [*list_models(), "resnet18"])
 def test_unpack_round_trip_is_exact(arch):
     members = (
-        resnet18_members(3) if arch == "resnet18" else zoo_members(arch, model_info(arch).input_shapes[-1])
+        resnet18_members(3) if arch == "resnet18" else zoo_members(arch, get_model(arch).input_shapes[-1])
     )
     before = [copy.deepcopy(m.state_dict()) for m in members]
     packed = pack(members)
@@ -269,12 +270,18 @@ def test_copies_and_conversions():
     with torch.no_grad():
         expected = packed(x)
         torch.testing.assert_close(copy.deepcopy(packed)(x), expected, atol=0, rtol=0)
-        buffer = io.BytesIO()
-        torch.save(packed, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
+        # pickling rebuilds the generated forward from the template (in memory: no torch.load of objects)
+        loaded = pickle.loads(pickle.dumps(packed))
         torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
         assert loaded.num_members == 3 and len(unpack(loaded)) == 3
+        # a saved state_dict reloads with weights_only=True into a packing of fresh members
+        buffer = io.BytesIO()
+        torch.save(packed.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = pack(members[::-1])  # other values in each block until the load
+        assert not torch.equal(fresh(x), expected)
+        fresh.load_state_dict(torch.load(buffer, weights_only=True))
+        torch.testing.assert_close(fresh(x), expected, atol=0, rtol=0)
         doubled = copy.deepcopy(packed).double()
         out = doubled(x.double())
     assert out.dtype == torch.float64
@@ -560,3 +567,91 @@ def test_supported_modules_lists_the_layers():
     ):
         assert expected in names
     assert "LSTM" not in names
+
+
+# ------------------------------------------------------------------------------------ speed measures keep values
+
+
+def bn_cnn_members(k: int = 3) -> list[nn.Module]:
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        model = create_model("cnn", input_shape=(1, 8, 8), num_classes=5, batch_norm=True)
+        members.append(randomise_norms(model, i).eval())
+    return members
+
+
+def test_batch_norm_folded_into_convolutions_in_eval_mode():
+    members = bn_cnn_members()
+    packed = pack(members)
+    convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all("batch_norm folded in" in repr(c) for c in convs)
+    # the BatchNorms stay registered: state_dict keys are the members' own
+    assert sorted(packed.state_dict()) == sorted(members[0].state_dict())
+    x = batch((1, 8, 8), n=40)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    # with autograd on, in eval mode, the BatchNorm runs after the convolution: same values
+    torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    # changed statistics (in place, as load_state_dict does) reach the folded weights
+    with torch.no_grad():
+        for m in members:
+            m.features.conv2.bn.running_mean.add_(0.25)
+            m.features.conv2.bn.running_var.mul_(2.0)
+        packed.load_state_dict(pack(members).state_dict())
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+        # and so do other devices and dtypes (new tensors)
+        doubled = copy.deepcopy(packed).double()
+        torch.testing.assert_close(doubled(x.double()), stacked(members, x).double(), atol=1e-6, rtol=0)
+    # train mode: batch statistics, running statistics updated per member as before
+    packed.train()
+    for m in members:
+        m.train()
+    torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-5, rtol=0)
+    assert_states_close(members, packed)
+
+
+def test_large_batches_run_in_chunks_with_the_same_outputs():
+    members = bn_cnn_members(k=4)
+    packed, whole = pack(members), pack(members, chunk_size=0)
+    assert packed.per_sample and packed.chunk_size == 1024 // 4 and whole.chunk_size == 0
+    x = batch((1, 8, 8), n=600)  # 256 + 256 + 88
+    with torch.no_grad():
+        expected = stacked(members, x)
+        got = packed(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, whole(x), atol=1e-5, rtol=0)
+    assert got.shape == (4, 600, 5)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        pack(members, chunk_size=-1)
+
+
+class RowMixing(nn.Module):
+    """Subtracts the batch mean of the input: each sample's output depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
+class BatchReduction(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("cls", [RowMixing, BatchReduction])
+def test_batches_are_not_split_where_samples_mix(cls):
+    members = [cls().eval() for _ in range(2)]
+    packed = pack(members, chunk_size=4)
+    assert not packed.per_sample
+    x = batch((4,), n=10)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), stacked(members, x), atol=1e-6, rtol=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modelfuse.errors import ConfigError, FeatureError, RegistryError
-from modelfuse.features.fuse import FUSIONS, build_fusion, get_fusion
+from modelfuse.features.fuse import build_fusion, get_feature_fusion, list_feature_fusions
 
 
 def branches(
@@ -108,10 +108,10 @@ def test_low_rank_bilinear_is_projected_product_of_projections():
     assert build_fusion("bilinear", [3, 5]).out_channels == 5  # default: the widest branch
 
 
-@pytest.mark.parametrize("name", FUSIONS.names())
+@pytest.mark.parametrize("name", list_feature_fusions())
 @pytest.mark.parametrize("spatial", [(), (3, 2), (5,)], ids=["vectors", "maps", "1d-maps"])
 def test_every_operator_fuses_maps_and_vectors(name, spatial):
-    op = get_fusion(name)
+    op = get_feature_fusion(name)
     widths = [6, 6, 6] if op.equal_widths else [6, 3, 5]
     xs = [x.requires_grad_() for x in branches(widths=tuple(widths), spatial=spatial, seed=3)]
     torch.manual_seed(0)
@@ -137,7 +137,7 @@ def test_every_operator_fuses_maps_and_vectors(name, spatial):
 
 def test_registry_errors():
     with pytest.raises(RegistryError, match="Did you mean 'concat'"):
-        get_fusion("concatenate")
+        get_feature_fusion("concatenate")
     with pytest.raises(ConfigError, match="Valid options: heads"):
         build_fusion("attention", [4, 4], {"head": 2})
     with pytest.raises(FeatureError, match="divisible"):

@@ -89,7 +89,7 @@ def test_bad_compositions_are_refused():
         Parallel({"a.b": nn.Identity()})
     with pytest.raises(ConfigError, match=r"'x' is a str, not a torch\.nn\.Module"):
         Serial({"x": "conv"})
-    with pytest.raises(RegistryError, match="unknown combine 'max'"):
+    with pytest.raises(RegistryError, match="unknown branch combine 'max'"):
         Parallel([nn.Identity()], "max")
     with pytest.raises(StructureError, match="branch '0' returns a tuple"):
         Parallel([_Pair(), _Pair()], "stack")(torch.ones(2))

@@ -8,9 +8,9 @@ from torch import nn
 
 from modelfuse.errors import StructureError
 from modelfuse.structure import cut, cut_points, trace
-from modelfuse.zoo import create_model, list_models, model_info
+from modelfuse.zoo import create_model, get_model, list_models
 
-ZOO = [(name, shape) for name in list_models() for shape in model_info(name).input_shapes]
+ZOO = [(name, shape) for name in list_models() for shape in get_model(name).input_shapes]
 
 
 def _model(name: str, shape: tuple[int, ...], seed: int = 0) -> nn.Module:

@@ -130,7 +130,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
     logits = stacked(dataset)
     ensemble_log_probs = ensemble.combine_outputs(logits)
     member_rows = [
-        {"name": p.name, "path": str(p), "arch": a, **metrics.evaluate(torch.log_softmax(z, -1), labels)}
+        {"name": p.name, "path": str(p), "arch": a, **metrics.prediction_metrics(torch.log_softmax(z, -1), labels)}
         for p, a, z in zip(paths, archs, logits)
     ]
     result: dict[str, Any] = {
@@ -143,7 +143,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
             for key in ("accuracy", "nll", "brier", "ece")
         },
         "disagreement": metrics.disagreement(logits.argmax(-1)),
-        "ensemble": {"combine": args.combine, **metrics.evaluate(ensemble_log_probs, labels)},
+        "ensemble": {"combine": args.combine, **metrics.prediction_metrics(ensemble_log_probs, labels)},
     }
     # is the ensemble really better than its best member (highest accuracy, then lowest NLL), and
     # how many of that member's errors do the others get right?
@@ -177,7 +177,7 @@ def evaluate_checkpoints(args: argparse.Namespace) -> dict[str, Any]:
             fit = Stacking("mlp" if args.fit == "stacking-mlp" else "logistic").fit(val_logits, val_labels)
             log_probs = fit.predict_log_proba(logits)
             fitted.update(val_nll_out_of_fold=fit.oof_nll_, val_nll_mean=fit.mean_nll_)
-        fitted.update(metrics.evaluate(log_probs, labels))
+        fitted.update(metrics.prediction_metrics(log_probs, labels))
         fitted["comparison"] = {
             "against": member_rows[best]["name"],
             **compare_predictions(log_probs, logits[best], labels).as_dict(),

@@ -85,10 +85,9 @@ def fuse_and_train(
 ) -> tuple[Any, dict[str, Any], torch.Tensor]:
     """Build the FeatureFusion of ``branches`` as the recipe says, train it, and return it with its
     test metrics (against ``test_labels``, the labels of ``splits.test``) and its test logits."""
-    import torch.nn.functional as F
-
     from modelfuse.features import FeatureFusion, fit_feature_fusion
     from modelfuse.zoo import predict
+    from modelfuse.zoo.metrics import accuracy_nll
 
     model = FeatureFusion(
         branches,
@@ -123,8 +122,7 @@ def fuse_and_train(
     return (
         model,
         {
-            "test_accuracy": float((logits.argmax(1) == test_labels).float().mean()),
-            "test_nll": float(F.cross_entropy(logits, test_labels)),
+            **{f"test_{key}": value for key, value in accuracy_nll(logits, test_labels).items()},
             "cached": fit.cached,
             "seconds": fit.result.seconds + fit.cache_seconds,
             "history": fit.history,

@@ -15,7 +15,7 @@ from modelfuse.data import digits as _digits
 from modelfuse.data import image_folder as _image_folder
 from modelfuse.data import mnist_1d as _mnist_1d
 from modelfuse.data._cache import cache_dir
-from modelfuse.data.registry import dataset_entrypoint, list_datasets, load, register_dataset
+from modelfuse.data.registry import get_dataset, list_datasets, load, register_dataset
 from modelfuse.data.splits import Splits, labels_of, stratified_fraction, stratified_split
 
 del _digits, _image_folder, _mnist_1d  # imported for their registrations
@@ -23,7 +23,7 @@ del _digits, _image_folder, _mnist_1d  # imported for their registrations
 __all__ = [
     "Splits",
     "cache_dir",
-    "dataset_entrypoint",
+    "get_dataset",
     "labels_of",
     "list_datasets",
     "load",

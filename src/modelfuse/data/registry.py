@@ -28,13 +28,13 @@ def list_datasets(pattern: str = "*") -> list[str]:
     return _DATASETS.names(pattern)
 
 
-def dataset_entrypoint(name: str) -> Callable[..., Splits]:
+def get_dataset(name: str) -> Callable[..., Splits]:
     """The function registered under ``name``; an unknown name lists the close ones."""
     return _DATASETS.get(name)
 
 
 def load(name: str, **kwargs: Any) -> Splits:
     """Build the named dataset's :class:`Splits` with the given options."""
-    fn = dataset_entrypoint(name)
+    fn = get_dataset(name)
     check_options(f"dataset {name!r}", fn, kwargs)
     return fn(**kwargs)

@@ -1,8 +1,8 @@
 """Output fusion: ensembles of trained models.
 
 - ``Ensemble``: one module over trained members (architectures may differ) and a combiner.
-- ``COMBINERS`` / ``register_combiner``: mean of probabilities, mean of logits, geometric
-  mean, hard vote, max confidence; mean and median for regression.
+- ``register_combiner`` / ``get_combiner`` / ``list_combiners``: mean of probabilities, mean of
+  logits, geometric mean, hard vote, max confidence; mean and median for regression.
 - ``LearnedWeights`` (optionally with ``TemperatureScaling``), ``Stacking`` (out-of-fold
   meta-learner), ``GreedySelection``: combiners fitted on cached validation predictions.
 - ``pack`` / ``unpack``: K same-architecture members as one module computing all K outputs
@@ -10,20 +10,30 @@
 - ``bagging``, ``snapshot_ensemble``, ``fast_geometric_ensemble``, ``swa``: ensembles trained
   through the shared training loop.
 - ``distill``: an ensemble (any teachers) into one student with the KD loss, and its report.
-- ``metrics``: accuracy, NLL, Brier score, ECE and pairwise disagreement.
-- ``nms``, ``soft_nms``, ``weighted_boxes_fusion`` (``BOX_FUSIONS``, ``fuse_boxes_batch`` for a
-  batch of images): detection output fusion; ``mean_average_precision`` to score it.
+- ``metrics``: accuracy, NLL, Brier score, ECE (all four: ``prediction_metrics``) and pairwise
+  disagreement.
+- ``nms``, ``soft_nms``, ``weighted_boxes_fusion`` (``register_box_fusion`` / ``get_box_fusion`` /
+  ``list_box_fusions``; ``fuse_boxes_batch`` for a batch of images): detection output fusion;
+  ``mean_average_precision`` to score it.
 """
 
 from modelfuse.ensemble import metrics
-from modelfuse.ensemble.boxes import BOX_FUSIONS, fuse_boxes_batch, nms, soft_nms, weighted_boxes_fusion
-from modelfuse.ensemble.combiners import COMBINERS, Combiner, get_combiner, register_combiner
+from modelfuse.ensemble.boxes import (
+    fuse_boxes_batch,
+    get_box_fusion,
+    list_box_fusions,
+    nms,
+    register_box_fusion,
+    soft_nms,
+    weighted_boxes_fusion,
+)
+from modelfuse.ensemble.combiners import Combiner, get_combiner, list_combiners, register_combiner
 from modelfuse.ensemble.detection_metrics import average_precision_per_class, mean_average_precision
 from modelfuse.ensemble.distill import DistillReport, KDLoss, distill, distill_report, kd_loss
 from modelfuse.ensemble.fitted import GreedySelection, LearnedWeights, TemperatureScaling
 from modelfuse.ensemble.module import Ensemble, MemberSet, check_weights
 from modelfuse.ensemble.packed import PackedEnsemble, pack, supported_modules, unpack
-from modelfuse.ensemble.stacking import StackedEnsemble, Stacking
+from modelfuse.ensemble.stacked_generalization import StackedEnsemble, Stacking
 from modelfuse.ensemble.training import (
     TrainedEnsemble,
     bagging,
@@ -33,8 +43,6 @@ from modelfuse.ensemble.training import (
 )
 
 __all__ = [
-    "BOX_FUSIONS",
-    "COMBINERS",
     "Combiner",
     "DistillReport",
     "Ensemble",
@@ -54,12 +62,16 @@ __all__ = [
     "distill_report",
     "fast_geometric_ensemble",
     "fuse_boxes_batch",
+    "get_box_fusion",
     "get_combiner",
     "kd_loss",
+    "list_box_fusions",
+    "list_combiners",
     "mean_average_precision",
     "metrics",
     "nms",
     "pack",
+    "register_box_fusion",
     "register_combiner",
     "snapshot_ensemble",
     "soft_nms",

@@ -30,7 +30,7 @@ CONF_TYPES: tuple[str, ...] = ("avg", "max", "box_and_model_avg", "absent_model_
 Fused = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 #: the single-image box fusion methods by name, for ``fuse_boxes_batch`` and configuration files
-BOX_FUSIONS: Registry[Callable[..., Fused]] = Registry("box fusion method")
+_BOX_FUSIONS: Registry[Callable[..., Fused]] = Registry("box fusion method")
 
 
 @dataclass
@@ -471,9 +471,29 @@ def weighted_boxes_fusion(
     return det.output(np.concatenate(out_boxes)[order], all_scores[order], np.concatenate(out_labels)[order])
 
 
-BOX_FUSIONS.register("nms", nms)
-BOX_FUSIONS.register("soft_nms", soft_nms)
-BOX_FUSIONS.register("weighted_boxes_fusion", weighted_boxes_fusion)
+def register_box_fusion(name: str) -> Callable[[Callable[..., Fused]], Callable[..., Fused]]:
+    """Register ``fn(boxes, scores, labels, **options) -> (boxes, scores, labels)``, a single-image
+    box fusion method taking the K models' detections as lists (see :func:`nms`), under ``name``."""
+
+    def decorator(fn: Callable[..., Fused]) -> Callable[..., Fused]:
+        _BOX_FUSIONS.register(name, fn)
+        return fn
+
+    return decorator
+
+
+def get_box_fusion(name: str) -> Callable[..., Fused]:
+    """The box fusion method registered as ``name``; an unknown name raises RegistryError listing close names."""
+    return _BOX_FUSIONS.get(name)
+
+
+def list_box_fusions(pattern: str = "*") -> list[str]:
+    """Registered box fusion method names matching a shell-style ``pattern``, sorted."""
+    return _BOX_FUSIONS.names(pattern)
+
+
+for _name, _fn in (("nms", nms), ("soft_nms", soft_nms), ("weighted_boxes_fusion", weighted_boxes_fusion)):
+    register_box_fusion(_name)(_fn)
 
 
 def fuse_boxes_batch(
@@ -486,12 +506,12 @@ def fuse_boxes_batch(
     """Fuse a batch of images: ``boxes[i][k]`` are model k's boxes on image i (likewise scores
     and labels); returns one fused ``(boxes, scores, labels)`` per image.
 
-    ``method`` names a method of ``BOX_FUSIONS`` (``nms``, ``soft_nms``: Bodla et al. 2017,
+    ``method`` names a method of ``list_box_fusions()`` (``nms``, ``soft_nms``: Bodla et al. 2017,
     Eqs. (1)-(3); ``weighted_boxes_fusion``: Solovyev et al. 2021, Eqs. (1)-(3)) and ``options``
     are its keyword arguments (``weights``, ``iou_thr``, ...), the same for every image. Errors
     name the image as well as the model and box.
     """
-    fn = BOX_FUSIONS.get(method)
+    fn = get_box_fusion(method)
     check_options(f"box fusion method {method!r}", fn, options, fixed=("boxes", "scores", "labels"))
     if not (len(boxes) == len(scores) == len(labels)):
         raise ConfigError(

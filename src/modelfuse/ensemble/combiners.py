@@ -27,19 +27,25 @@ class Combiner:
     weighted: bool = True
 
 
-COMBINERS: Registry[Combiner] = Registry("combiner")
+_COMBINERS: Registry[Combiner] = Registry("combiner")
 
 
 def register_combiner(name: str, task: str, weighted: bool = True) -> Callable:
     def decorator(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
-        COMBINERS.register(name, Combiner(name, fn, task, weighted))
+        _COMBINERS.register(name, Combiner(name, fn, task, weighted))
         return fn
 
     return decorator
 
 
 def get_combiner(name: str) -> Combiner:
-    return COMBINERS.get(name)
+    """The combiner registered as ``name``; an unknown name raises RegistryError listing close names."""
+    return _COMBINERS.get(name)
+
+
+def list_combiners(pattern: str = "*") -> list[str]:
+    """Registered combiner names matching a shell-style ``pattern``, sorted."""
+    return _COMBINERS.names(pattern)
 
 
 def _column(weights: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

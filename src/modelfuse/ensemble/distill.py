@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from modelfuse.data.splits import Splits
 from modelfuse.ensemble.combiners import mean_prob
-from modelfuse.ensemble.metrics import accuracy, nll
 from modelfuse.ensemble.module import check_models, check_weights
 from modelfuse.ensemble.training import ModelArg, _check_kwargs, build_model
 from modelfuse.errors import ConfigError
+from modelfuse.zoo.metrics import accuracy_nll, check_logits_labels
 from modelfuse.zoo.train import OptimizerArg, TrainResult, predict, train
 
 #: per-sample teacher weightings by name (anything else is a list of fixed weights or None)
@@ -74,7 +74,7 @@ def teacher_weights(
     - ``"true_label"``: proportional to each teacher's probability (temperature 1) of the
       sample's true label (needs ``labels``): trust the teacher that is right.
     """
-    _check_logits(logits)
+    _check_logits(logits, labels)
     return _log_weights(logits, labels, _weights_spec(weights, logits.shape[0])).exp()
 
 
@@ -87,7 +87,7 @@ def teacher_mixture(
 ) -> torch.Tensor:
     """Log of the teachers' mixture distribution at ``temperature``: ``log sum_k w_k softmax(z_k / T)``,
     (N, C), with the weights of :func:`teacher_weights`."""
-    _check_logits(logits)
+    _check_logits(logits, labels)
     spec = _weights_spec(weights, logits.shape[0])
     return _log_mixture(logits, labels, spec, _check_temperature(temperature))
 
@@ -109,7 +109,7 @@ def kd_loss(
     ``p_student^T = softmax(s / T)``. The ``T^2`` keeps the soft term's gradients on the
     scale of the hard term's as ``T`` changes. ``alpha = 0`` is plain cross-entropy.
     """
-    _check_logits(logits)
+    _check_logits(logits, labels)
     if student_logits.shape != logits.shape[1:]:
         raise ConfigError(
             f"student logits of shape {tuple(student_logits.shape)} do not match the teachers' "
@@ -354,11 +354,8 @@ def _check_teachers(teachers: Sequence[nn.Module]) -> list[nn.Module]:
     return check_models(teachers, what="teacher", purpose="distillation")
 
 
-def _check_logits(logits: torch.Tensor) -> None:
-    if logits.dim() != 3 or logits.shape[0] < 1:
-        raise ConfigError(
-            f"expected the teachers' logits stacked as (K, N, classes) with K >= 1, found shape {tuple(logits.shape)}"
-        )
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    check_logits_labels(logits, labels, what="the teachers' logits", stacked=True)
 
 
 def _check_temperature(temperature: float) -> float:
@@ -408,7 +405,7 @@ def _materialise(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _scores(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {"accuracy": accuracy(log_probs, labels.long()), "nll": nll(log_probs, labels.long())}
+    return accuracy_nll(log_probs, labels)
 
 
 def _gap_cell(value: float | None) -> str:

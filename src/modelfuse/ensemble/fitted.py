@@ -17,27 +17,15 @@ from torch import nn
 
 from modelfuse.ensemble.module import Ensemble
 from modelfuse.errors import ConfigError
+from modelfuse.zoo.metrics import check_logits_labels
 
 
 def member_log_probs(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated inputs of a fit: the members' log-probabilities (K, N, classes) in float64 and
     the labels (N,) as int64; errors say what is wrong with either."""
-    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 3:
-        raise ConfigError(
-            "expected the members' logits stacked as (members, samples, classes), found "
-            f"{tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__}"
-        )
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if labels.numel() != outputs.shape[1]:
-        raise ConfigError(
-            f"{labels.numel()} labels for {outputs.shape[1]} samples: give one label per sample"
-        )
-    if labels.numel() == 0:
-        raise ConfigError("fitting needs at least one validation sample")
-    if labels.min() < 0 or labels.max() >= outputs.shape[2]:
-        raise ConfigError(f"labels must lie in [0, {outputs.shape[2] - 1}]")
-    if not torch.isfinite(outputs).all():
-        raise ConfigError("the members' outputs contain NaN or infinite values")
+    outputs, labels = check_logits_labels(
+        outputs, labels, what="the members' validation logits", stacked=True, min_samples=1, finite=True
+    )
     return torch.log_softmax(outputs.detach().cpu().double(), dim=-1), labels.cpu()
 
 

@@ -1,7 +1,9 @@
 """Metrics for members and ensembles: accuracy, NLL, Brier score, ECE, disagreement.
 
 Inputs are log-probabilities (N, C) (what classification combiners return; for a model
-that gives logits, ``torch.log_softmax(logits, -1)``) and integer labels (N,).
+that gives logits, ``torch.log_softmax(logits, -1)``) and integer labels (N,). ``accuracy``
+and ``nll`` are those of :mod:`modelfuse.zoo.metrics` (which takes logits or log-probabilities),
+and every input goes through its ``check_logits_labels``.
 """
 
 from __future__ import annotations
@@ -11,46 +13,27 @@ from collections.abc import Sequence
 import torch
 
 from modelfuse.errors import ConfigError
+from modelfuse.zoo.metrics import accuracy, check_logits_labels, nll
+
+__all__ = ["accuracy", "brier", "disagreement", "ece", "nll", "prediction_metrics"]
 
 
-def _check(log_probs: torch.Tensor, labels: torch.Tensor) -> None:
-    if log_probs.dim() != 2:
-        raise ConfigError(f"expected log-probabilities of shape (N, classes), found {tuple(log_probs.shape)}")
-    if labels.shape != log_probs.shape[:1]:
-        raise ConfigError(
-            f"expected one label per row: {log_probs.shape[0]} rows of log-probabilities, labels of shape "
-            f"{tuple(labels.shape)}"
-        )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= log_probs.shape[1]):
-        raise ConfigError(
-            f"labels must lie in [0, {log_probs.shape[1] - 1}], found {labels.min().item()}..{labels.max().item()}"
-        )
-
-
-def accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose highest-scoring class is the label."""
-    _check(log_probs, labels)
-    return (log_probs.argmax(-1) == labels).double().mean().item()
-
-
-def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the labels (inf where a label has probability 0)."""
-    _check(log_probs, labels)
-    return -log_probs.double().gather(1, labels.long().unsqueeze(1)).mean().item()
+def _check(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return check_logits_labels(log_probs, labels, what="log-probabilities")[1]
 
 
 def brier(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Brier score (Brier 1950): mean over rows of sum_c (p_c - [c = label])^2."""
-    _check(log_probs, labels)
+    labels = _check(log_probs, labels)
     p = log_probs.double().exp()
-    onehot = torch.nn.functional.one_hot(labels.long(), p.shape[1]).double()
+    onehot = torch.nn.functional.one_hot(labels, p.shape[1]).double()
     return ((p - onehot) ** 2).sum(1).mean().item()
 
 
 def ece(log_probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error (Guo et al. 2017): rows binned by their top probability
     into ``bins`` equal-width bins of (0, 1] (right-closed), then sum_b n_b / N |acc_b - conf_b|."""
-    _check(log_probs, labels)
+    labels = _check(log_probs, labels)
     if bins < 1:
         raise ConfigError(f"ece needs at least one bin, found bins={bins}")
     p = log_probs.double().exp()
@@ -80,7 +63,7 @@ def disagreement(predictions: Sequence[torch.Tensor] | torch.Tensor) -> float:
     return total / (k * (k - 1) / 2)
 
 
-def evaluate(log_probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, float]:
+def prediction_metrics(log_probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, float]:
     """accuracy, nll, brier and ece of one prediction."""
     return {
         "accuracy": accuracy(log_probs, labels),

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from modelfuse.ensemble.combiners import COMBINERS, Combiner, get_combiner
+from modelfuse.ensemble.combiners import Combiner, get_combiner, list_combiners
 from modelfuse.errors import ConfigError, EnsembleError
 
 
@@ -105,7 +105,7 @@ class MemberSet(nn.Module):
 class Ensemble(MemberSet):
     """An ensemble of trained models (architectures may differ) as one module.
 
-    ``combine`` names a combiner (``COMBINERS``: mean_prob, mean_logits, geometric_mean,
+    ``combine`` names a combiner (``list_combiners()``: mean_prob, mean_logits, geometric_mean,
     vote, max_confidence for classification, whose members give logits and whose output is
     log-probabilities; mean, median for regression). ``weights``: one non-negative weight
     per member, normalised to sum to one (equal by default). ``temperature`` (classification
@@ -127,7 +127,7 @@ class Ensemble(MemberSet):
         if weights is not None and not self.combiner.weighted:
             raise ConfigError(
                 f"the {combine!r} combiner does not use member weights; leave weights out or pick "
-                f"one of {', '.join(n for n in COMBINERS if get_combiner(n).weighted)}"
+                f"one of {', '.join(n for n in list_combiners() if get_combiner(n).weighted)}"
             )
         temperature = float(temperature)
         if not (math.isfinite(temperature) and temperature > 0):

@@ -30,7 +30,7 @@ API:
   ``param_groups(base_lr)`` (per-branch optimizer groups), ``tap_outputs``, ``prepare``,
   ``forward_prepared``, ``forward_features``, ``probe(shape)``, ``describe()``. State dict keys:
   ``branches.<name>.*``, ``align.<name>.*``, ``fuse.*``, ``head.*``.
-- ``FUSIONS`` / ``register_fusion`` / ``build_fusion``: the operators ``concat``, ``sum``, ``mean``,
+- ``register_feature_fusion`` / ``get_feature_fusion`` / ``list_feature_fusions`` / ``build_fusion``: the operators ``concat``, ``sum``, ``mean``,
   ``weighted`` (softmax-normalised learned scalars), ``gated`` (per-channel softmax gates across
   branches), ``attention`` (attention over branches, each a token), ``bilinear`` (low-rank, MLB);
   each fuses maps position by position and pooled vectors alike.
@@ -58,13 +58,18 @@ from modelfuse.features.align import (
     tokens_to_map,
 )
 from modelfuse.features.cache import CachedHead, cache_features, evaluate_cached
-from modelfuse.features.fuse import FUSIONS, FusionOp, build_fusion, get_fusion, register_fusion
+from modelfuse.features.fuse import (
+    FusionOp,
+    build_fusion,
+    get_feature_fusion,
+    list_feature_fusions,
+    register_feature_fusion,
+)
 from modelfuse.features.model import POLICIES, Branch, FeatureFusion, PoolMLPHead
 from modelfuse.features.taps import TapExtractor, TapInfo, Taps, taps
 from modelfuse.features.train import FeatureFusionFit, fit_feature_fusion
 
 __all__ = [
-    "FUSIONS",
     "POLICIES",
     "Alignment",
     "Branch",
@@ -81,11 +86,12 @@ __all__ = [
     "cache_features",
     "evaluate_cached",
     "fit_feature_fusion",
-    "get_fusion",
+    "get_feature_fusion",
     "global_pool",
+    "list_feature_fusions",
     "map_to_tokens",
     "plan_alignment",
-    "register_fusion",
+    "register_feature_fusion",
     "resize",
     "taps",
     "tokens_to_map",

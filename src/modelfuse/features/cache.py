@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 from modelfuse.data.splits import labels_of
 from modelfuse.errors import ConfigError
 from modelfuse.features.model import FeatureFusion
+from modelfuse.zoo.metrics import accuracy_nll
 from modelfuse.zoo.train import predict
 
 
@@ -131,9 +132,4 @@ def evaluate_cached(
         )
     finally:
         head.train(was_training)
-    labels = dataset.tensors[-1].long()
-    return {
-        "accuracy": float((logits.argmax(1) == labels).float().mean()),
-        "nll": float(F.cross_entropy(logits.float(), labels)),
-        "n": n,
-    }
+    return {**accuracy_nll(logits, dataset.tensors[-1].long()), "n": n}

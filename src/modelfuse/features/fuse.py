@@ -3,8 +3,8 @@
 Every operator is an ``nn.Module`` whose ``forward(xs)`` takes a list of K tensors that are all
 (B, C_k, *spatial), with the same spatial size (maps) or none (vectors), and returns
 (B, out_channels, *spatial); it works position by position, so the same operator fuses maps
-and pooled vectors. Operators are registered by name in :data:`FUSIONS` with a builder
-``build(widths, **options)`` and whether they need equal widths; ``register_fusion`` adds one.
+and pooled vectors. Operators are registered by name (``list_feature_fusions()``) with a builder
+``build(widths, **options)`` and whether they need equal widths; ``register_feature_fusion`` adds one.
 
 | name | formula (x_k: branch k at one position) | widths |
 |---|---|---|
@@ -49,26 +49,32 @@ class FusionOp:
         return doc.splitlines()[0] if doc else self.name
 
 
-FUSIONS: Registry[FusionOp] = Registry("fusion operator")
+_FEATURE_FUSIONS: Registry[FusionOp] = Registry("fusion operator")
 
 
-def register_fusion(name: str, *, equal_widths: bool) -> Callable[[Builder], Builder]:
+def register_feature_fusion(name: str, *, equal_widths: bool) -> Callable[[Builder], Builder]:
     """Register ``build(widths: list[int], **options) -> nn.Module`` (with an ``out_channels`` attribute)."""
 
     def decorator(build: Builder) -> Builder:
-        FUSIONS.register(name, FusionOp(name, build, equal_widths))
+        _FEATURE_FUSIONS.register(name, FusionOp(name, build, equal_widths))
         return build
 
     return decorator
 
 
-def get_fusion(name: str) -> FusionOp:
-    return FUSIONS.get(name)
+def get_feature_fusion(name: str) -> FusionOp:
+    """The fusion operator registered as ``name``; an unknown name raises RegistryError listing close names."""
+    return _FEATURE_FUSIONS.get(name)
+
+
+def list_feature_fusions(pattern: str = "*") -> list[str]:
+    """Registered fusion operator names matching a shell-style ``pattern``, sorted."""
+    return _FEATURE_FUSIONS.names(pattern)
 
 
 def build_fusion(name: str, widths: Sequence[int], options: dict[str, Any] | None = None) -> nn.Module:
     """The operator ``name`` for branches of ``widths`` channels; errors say which widths or options fit."""
-    op = get_fusion(name)
+    op = get_feature_fusion(name)
     options = dict(options or {})
     check_options(f"fusion operator {name!r}", op.build, options, fixed=("widths",))
     widths = [int(w) for w in widths]
@@ -236,43 +242,43 @@ class LowRankBilinear(nn.Module):
         return f"rank={self.rank}, out_channels={self.out_channels}"
 
 
-@register_fusion("concat", equal_widths=False)
+@register_feature_fusion("concat", equal_widths=False)
 def concat(widths: Sequence[int]) -> nn.Module:
     """Concatenation along the channels, in branch order (widths add up)."""
     return Concat(widths)
 
 
-@register_fusion("sum", equal_widths=True)
+@register_feature_fusion("sum", equal_widths=True)
 def sum_(widths: Sequence[int]) -> nn.Module:
     """Elementwise sum of the branches."""
     return Sum(widths)
 
 
-@register_fusion("mean", equal_widths=True)
+@register_feature_fusion("mean", equal_widths=True)
 def mean(widths: Sequence[int]) -> nn.Module:
     """Elementwise mean of the branches."""
     return Sum(widths, mean=True)
 
 
-@register_fusion("weighted", equal_widths=True)
+@register_feature_fusion("weighted", equal_widths=True)
 def weighted(widths: Sequence[int]) -> nn.Module:
     """Learned scalar weight per branch, softmax-normalised (ELMo's scalar mix)."""
     return WeightedSum(widths)
 
 
-@register_fusion("gated", equal_widths=True)
+@register_feature_fusion("gated", equal_widths=True)
 def gated(widths: Sequence[int], reduction: int = 4, min_hidden: int = 32) -> nn.Module:
     """Per-channel gates across branches from a squeeze-excite of their sum (Selective Kernel)."""
     return Gated(widths, reduction=reduction, min_hidden=min_hidden)
 
 
-@register_fusion("attention", equal_widths=True)
+@register_feature_fusion("attention", equal_widths=True)
 def attention(widths: Sequence[int], heads: int = 1) -> nn.Module:
     """Attention over the branches, each branch a token, with a learned query (PMA)."""
     return BranchAttention(widths, heads=heads)
 
 
-@register_fusion("bilinear", equal_widths=False)
+@register_feature_fusion("bilinear", equal_widths=False)
 def bilinear(widths: Sequence[int], rank: int = 256, out_channels: int | None = None) -> nn.Module:
     """Low-rank bilinear pooling: projected elementwise product of rank-r branch projections (MLB)."""
     return LowRankBilinear(widths, rank=rank, out_channels=out_channels)

@@ -23,7 +23,7 @@ from modelfuse.features.align import (
     plan_alignment,
     resolve_layout,
 )
-from modelfuse.features.fuse import FUSIONS, build_fusion, get_fusion
+from modelfuse.features.fuse import build_fusion, get_feature_fusion, list_feature_fusions
 from modelfuse.features.taps import TapExtractor, preserved_modes, probe_input, unknown_tap_message
 from modelfuse.registry import check_options
 
@@ -166,7 +166,7 @@ class FeatureFusion(nn.Module):
     ``branches``: :class:`Branch` es (backbone, tap, training policy). Each branch's tap output is
     aligned (:mod:`modelfuse.features.align`: ``level`` ``"map"``/``"vector"``/``"auto"``,
     ``spatial`` ``"pool"``/``"interpolate"`` to ``size``), optionally projected by a 1x1 projection
-    to ``channels``, fused by the operator ``fuse`` (:data:`modelfuse.features.fuse.FUSIONS`, with
+    to ``channels``, fused by the operator ``fuse`` (:func:`modelfuse.features.list_feature_fusions`, with
     ``fuse_options``), and classified by ``head`` (default: :class:`PoolMLPHead` with ``hidden``,
     ``dropout``, ``head_norm`` and ``num_classes``; a user head receives the fused (B, C, *spatial) or (B, C) tensor).
 
@@ -205,9 +205,9 @@ class FeatureFusion(nn.Module):
                     f"branch {i} is a {type(b).__name__}; give each as Branch(model, tap, policy=...)"
                 )
         names = _branch_names(specs)
-        get_fusion(fuse)
+        get_feature_fusion(fuse)
         fuse_options = dict(fuse_options or {})
-        check_options(f"fusion operator {fuse!r}", get_fusion(fuse).build, fuse_options, fixed=("widths",))
+        check_options(f"fusion operator {fuse!r}", get_feature_fusion(fuse).build, fuse_options, fixed=("widths",))
         if level not in LEVELS:
             raise ConfigError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
         if spatial not in SPATIAL:
@@ -317,10 +317,10 @@ class FeatureFusion(nn.Module):
             raise FeatureError(f"{exc} (tap output shapes without the batch dimension: {listing})") from None
         widths = {n: a.channels for n, a in plan.items()}
         fused_widths = {n: (self.channels or w) for n, w in widths.items()}
-        op = get_fusion(self.fuse_name)
+        op = get_feature_fusion(self.fuse_name)
         if op.equal_widths and len(set(fused_widths.values())) > 1:
             per_branch = ", ".join(f"{n}: {w} (tap shape {shapes[n]})" for n, w in widths.items())
-            any_width = ", ".join(repr(o) for o in FUSIONS.names() if not get_fusion(o).equal_widths)
+            any_width = ", ".join(repr(o) for o in list_feature_fusions() if not get_feature_fusion(o).equal_widths)
             raise FeatureError(
                 f"{self.fuse_name!r} needs equal widths; the aligned branches have {per_branch}. Set "
                 f"channels={max(widths.values())} (a 1x1 projection of every branch to one width) or use "

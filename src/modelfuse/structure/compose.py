@@ -21,11 +21,34 @@ from modelfuse.registry import Registry
 
 Combine = Callable[[list[torch.Tensor], int], torch.Tensor]
 
-COMBINES: Registry[Combine] = Registry("combine")
-COMBINES.register("stack", lambda outs, dim: torch.stack(outs, dim=dim))
-COMBINES.register("concat", lambda outs, dim: torch.cat(outs, dim=dim))
-COMBINES.register("sum", lambda outs, dim: torch.stack(outs).sum(0))
-COMBINES.register("mean", lambda outs, dim: torch.stack(outs).mean(0))
+_BRANCH_COMBINES: Registry[Combine] = Registry("branch combine")
+
+
+def register_branch_combine(name: str) -> Callable[[Combine], Combine]:
+    """Register ``fn(outputs: list[Tensor], dim: int) -> Tensor`` under ``name``, a way for
+    :class:`Parallel` to join its branches' outputs (``combine=name``)."""
+
+    def decorator(fn: Combine) -> Combine:
+        _BRANCH_COMBINES.register(name, fn)
+        return fn
+
+    return decorator
+
+
+def get_branch_combine(name: str) -> Combine:
+    """The branch combine registered as ``name``; an unknown name raises RegistryError listing close names."""
+    return _BRANCH_COMBINES.get(name)
+
+
+def list_branch_combines(pattern: str = "*") -> list[str]:
+    """Registered branch combine names matching a shell-style ``pattern``, sorted."""
+    return _BRANCH_COMBINES.names(pattern)
+
+
+register_branch_combine("stack")(lambda outs, dim: torch.stack(outs, dim=dim))
+register_branch_combine("concat")(lambda outs, dim: torch.cat(outs, dim=dim))
+register_branch_combine("sum")(lambda outs, dim: torch.stack(outs).sum(0))
+register_branch_combine("mean")(lambda outs, dim: torch.stack(outs).mean(0))
 
 
 def _named(models: Mapping[str, nn.Module] | Sequence[nn.Module], what: str) -> dict[str, nn.Module]:
@@ -66,7 +89,7 @@ class Parallel(nn.Module):
         super().__init__()
         self.branches = nn.ModuleDict(_named(models, "Parallel"))
         if not callable(combine):
-            COMBINES.get(combine)  # unknown names fail here, listing the valid ones
+            get_branch_combine(combine)  # unknown names fail here, listing the valid ones
         self.combine = combine
         self.dim = int(dim)
 
@@ -85,7 +108,7 @@ class Parallel(nn.Module):
         if callable(self.combine):
             return self.combine(list(outs.values()))
         self._check(outs, self.combine)
-        return COMBINES.get(self.combine)(list(outs.values()), self.dim)
+        return get_branch_combine(self.combine)(list(outs.values()), self.dim)
 
     def _check(self, outs: dict[str, Any], combine: str) -> None:
         names = list(outs)

@@ -50,7 +50,7 @@ class AdapterKind:
     fits: Callable[[Shape, Shape], bool]
 
 
-ADAPTERS: Registry[AdapterKind] = Registry("adapter")
+_ADAPTERS: Registry[AdapterKind] = Registry("adapter")
 
 
 def _square(n: int) -> int | None:
@@ -93,12 +93,21 @@ for _kind in (
         lambda i, o: len(i) == 2 and len(o) == 3 and _token_grid(i[0], o[1:]) is not None,
     ),
 ):
-    ADAPTERS.register(_kind.name, _kind)
+    _ADAPTERS.register(_kind.name, _kind)
 
 
-def list_adapters() -> list[str]:
-    """Names of the adapter kinds (besides ``"auto"``, which picks one from the shapes)."""
-    return ADAPTERS.names()
+def list_adapters(pattern: str = "*") -> list[str]:
+    """Names of the adapter kinds matching a shell-style ``pattern``, sorted (besides ``"auto"``,
+    which picks one from the shapes)."""
+    return _ADAPTERS.names(pattern)
+
+
+def get_adapter(kind: str) -> AdapterKind:
+    """The adapter kind ``kind`` (what it maps, whether it fits two shapes); an unknown kind raises
+    RegistryError listing close names. The kinds are a fixed set: each one's arithmetic is part of
+    :class:`Adapter`, so there is no ``register_adapter``; a module of your own can be passed as the
+    ``adapter`` of ``stitch`` instead."""
+    return _ADAPTERS.get(kind)
 
 
 def auto_adapter(in_shape: Sequence[int], out_shape: Sequence[int]) -> str:
@@ -120,10 +129,10 @@ def auto_adapter(in_shape: Sequence[int], out_shape: Sequence[int]) -> str:
         kind = "tokens_to_conv"
     else:
         kind = ""
-    if not kind or not ADAPTERS.get(kind).fits(i, o):
+    if not kind or not get_adapter(kind).fits(i, o):
         raise StructureError(
             f"no adapter maps activations of shape {i} to {o} (per example). Adapters: "
-            + "; ".join(f"{k.name}: {k.maps}" for k in map(ADAPTERS.get, ADAPTERS.names()))
+            + "; ".join(f"{k.name}: {k.maps}" for k in map(get_adapter, list_adapters()))
             + ". Cut the models where both carry vectors, feature maps or tokens"
         )
     return kind
@@ -157,9 +166,9 @@ class Adapter(nn.Module):
         super().__init__()
         self.in_shape: Shape = tuple(int(d) for d in in_shape)
         self.out_shape: Shape = tuple(int(d) for d in out_shape)
-        entry = ADAPTERS.get(kind)
+        entry = get_adapter(kind)
         if not entry.fits(self.in_shape, self.out_shape):
-            working = [k for k in ADAPTERS.names() if ADAPTERS.get(k).fits(self.in_shape, self.out_shape)]
+            working = [k for k in list_adapters() if get_adapter(k).fits(self.in_shape, self.out_shape)]
             fix = (
                 f"use {' or '.join(map(repr, working))} (or 'auto')"
                 if working

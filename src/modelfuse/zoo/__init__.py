@@ -22,8 +22,8 @@ from modelfuse.zoo.registry import (
     ModelInfo,
     build_architecture,
     create_model,
+    get_model,
     list_models,
-    model_info,
     register_model,
 )
 from modelfuse.zoo.train import (
@@ -61,12 +61,12 @@ __all__ = [
     "create_model",
     "cross_entropy",
     "evaluate",
+    "get_model",
     "list_models",
     "make_optimizer",
     "make_schedule",
     "member_key",
     "member_spec",
-    "model_info",
     "predict",
     "register_model",
     "room_for_fusion",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from modelfuse.errors import ConfigError
+from modelfuse.zoo.metrics import check_logits_labels, nll
 
 #: resampled means computed per block (draws x samples stay below this many indices)
 _BLOCK = 4_000_000
@@ -82,36 +83,17 @@ class PairedComparison:
 
 def _checked(logits: Mapping[str, Any], labels: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The named logits as float64 (N, C) tensors of one shape, and the labels as int64 (N,)."""
-    y = torch.as_tensor(labels)
-    if y.dim() != 1 or y.shape[0] == 0 or torch.is_floating_point(y):
-        raise ConfigError(
-            f"labels must be a non-empty 1-D integer tensor; found shape {tuple(y.shape)}, {y.dtype}"
-        )
-    tensors = [_check(name, value, y) for name, value in logits.items()]
+    tensors, y = [], None
+    for name, value in logits.items():
+        t, y = check_logits_labels(value, labels, what=name, min_samples=1)
+        tensors.append(t.double())
     names = list(logits)
     for name, t in zip(names[1:], tensors[1:]):
         if t.shape != tensors[0].shape:
             raise ConfigError(
                 f"{names[0]} and {name} differ in shape: {tuple(tensors[0].shape)} against {tuple(t.shape)}"
             )
-    classes = tensors[0].shape[1]
-    if int(y.min()) < 0 or int(y.max()) >= classes:
-        raise ConfigError(
-            f"labels must lie in [0, {classes}) for {classes} classes; found {int(y.min())}..{int(y.max())}"
-        )
-    return tensors, y.long()
-
-
-def _check(name: str, logits: Any, labels: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(logits)
-    if t.dim() != 2 or t.shape[0] != labels.shape[0]:
-        raise ConfigError(
-            f"{name} must be (samples, classes) logits for the {labels.shape[0]} labels; found shape "
-            f"{tuple(t.shape)}"
-        )
-    if not torch.is_floating_point(t):
-        raise ConfigError(f"{name} must be floating-point logits; found {t.dtype}")
-    return t.double()
+    return tensors, y
 
 
 def compare_predictions(
@@ -227,8 +209,8 @@ def room_for_fusion(logits: Any, labels: Any, names: Any = None) -> FusionRoom:
     tensors, y = _checked(dict(zip(names, models)), labels)
     right = torch.stack([t.argmax(1) == y for t in tensors])  # (K, N)
     accuracies = right.double().mean(1)
-    nlls = torch.stack([F.cross_entropy(t, y) for t in tensors])
-    best = min(range(len(tensors)), key=lambda i: (-float(accuracies[i]), float(nlls[i])))
+    nlls = [nll(t, y) for t in tensors]
+    best = min(range(len(tensors)), key=lambda i: (-float(accuracies[i]), nlls[i]))
     others = torch.cat([right[:best], right[best + 1 :]]).any(0)
     return FusionRoom(
         n=int(y.shape[0]),

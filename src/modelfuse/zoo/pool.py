@@ -28,7 +28,7 @@ from modelfuse.data._cache import atomic_write
 from modelfuse.errors import ConfigError
 from modelfuse.io import save_state_dict
 from modelfuse.progress import progress as progress_bar
-from modelfuse.zoo.registry import create_model, model_info
+from modelfuse.zoo.registry import create_model, get_model
 from modelfuse.zoo.train import evaluate, train
 
 #: bump when the layout of cached files changes
@@ -109,7 +109,7 @@ def _train_settings(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 def _model_settings(arch: str, model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The factory's option defaults overlaid with ``model_kwargs``."""
-    params = inspect.signature(model_info(arch).factory).parameters
+    params = inspect.signature(get_model(arch).factory).parameters
     settings = {
         n: p.default
         for n, p in params.items()

@@ -57,14 +57,14 @@ def list_models(pattern: str = "*") -> list[str]:
     return _MODELS.names(pattern)
 
 
-def model_info(name: str) -> ModelInfo:
+def get_model(name: str) -> ModelInfo:
     """The registry entry for ``name``; an unknown name raises RegistryError listing close names."""
     return _MODELS.get(name)
 
 
 def create_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name`` for inputs of ``input_shape`` (no batch) and ``num_classes``."""
-    info = model_info(name)
+    info = get_model(name)
     check_options(f"model {name!r}", info.factory, kwargs, fixed=("input_shape", "num_classes"))
     return info.factory(
         input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes), **kwargs

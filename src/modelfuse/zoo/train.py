@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from modelfuse.data.splits import Splits
 from modelfuse.errors import ConfigError
 from modelfuse.progress import progress as progress_bar
+from modelfuse.zoo.metrics import accuracy_nll
 
 Batch = tuple[Any, ...]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -269,12 +270,7 @@ def evaluate(
     n = len(labels)
     if n == 0:
         return {"accuracy": math.nan, "nll": math.nan, "n": 0}
-    labels = labels.long()
-    return {
-        "accuracy": float((logits.argmax(1) == labels).float().mean()),
-        "nll": float(F.cross_entropy(logits.float(), labels)),
-        "n": n,
-    }
+    return {**accuracy_nll(logits, labels.long()), "n": n}
 
 
 def _run(

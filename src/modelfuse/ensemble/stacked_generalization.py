@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset
 from modelfuse.ensemble.fitted import member_log_probs
 from modelfuse.ensemble.module import MemberSet
 from modelfuse.errors import ConfigError
+from modelfuse.zoo.metrics import nll
 from modelfuse.zoo.train import predict, train
 
 META_LEARNERS = ("logistic", "mlp")
@@ -110,18 +111,18 @@ class Stacking:
             for fold, (fit_idx, held_idx) in enumerate(splits):
                 meta = self._fit_meta(x[fit_idx], labels[fit_idx], classes, c, fold)
                 oof[held_idx] = torch.log_softmax(_apply(meta, x[held_idx]), dim=-1)
-            nll = float(torch.nn.functional.nll_loss(oof, labels))
-            self.cv_nll_[c] = nll
-            if best is None or nll < best[1]:
-                best = (c, nll, oof)
+            oof_nll = nll(oof, labels)
+            self.cv_nll_[c] = oof_nll
+            if best is None or oof_nll < best[1]:
+                best = (c, oof_nll, oof)
         assert best is not None
         self.c_, self.oof_nll_, self.oof_log_probs_ = best
         if self.meta != "logistic":
             self.c_, self.cv_nll_ = None, {}
         self.meta_ = self._fit_meta(x, labels, classes, best[0], len(splits))
-        self.nll_ = float(torch.nn.functional.nll_loss(torch.log_softmax(_apply(self.meta_, x), -1), labels))
+        self.nll_ = nll(_apply(self.meta_, x), labels)
         mean = torch.logsumexp(log_probs, dim=0) - math.log(k)
-        self.mean_nll_ = float(torch.nn.functional.nll_loss(mean, labels))
+        self.mean_nll_ = nll(mean, labels)
         self.members_, self.classes_ = k, classes
         return self
 
