@@ -188,9 +188,27 @@ def test_report_fractions_follow_the_formula(digits):
     s = evaluate(student, digits.test)
     for m in ("accuracy", "nll"):
         assert rep.student[m] == pytest.approx(s[m], rel=1e-5)
-        expected = (s[m] - rep.best_teacher[m]) / (ens[m] - rep.best_teacher[m])
-        assert rep.gap_closed[m] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        gap = ens[m] - rep.best_teacher[m]
+        if (gap > 0) if m == "accuracy" else (gap < 0):
+            expected = (s[m] - rep.best_teacher[m]) / gap
+            assert rep.gap_closed[m] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        else:  # the ensemble is not better than the best teacher: no gap to close
+            assert math.isnan(rep.gap_closed[m])
     assert "student" in rep.table() and rep.scratch is None
+
+
+def test_gap_share_is_undefined_where_the_ensemble_is_not_better():
+    """By hand: best 0.90, ensemble 0.95, student 0.92 closes (0.92 - 0.90) / 0.05 = 40% of the
+    accuracy gap; NLL best 0.30, ensemble 0.20, student 0.25 closes 50%. An ensemble worse than
+    the best teacher (0.88 accuracy, 0.35 NLL) leaves no gap: NaN, printed n/a (not 200%)."""
+    from modelfuse.ensemble.distill import _fraction, _gap_cell
+
+    assert _fraction(0.92, 0.90, 0.95, higher=True) == pytest.approx(0.4)
+    assert _fraction(0.25, 0.30, 0.20, higher=False) == pytest.approx(0.5)
+    assert math.isnan(_fraction(0.86, 0.90, 0.88, higher=True))
+    assert math.isnan(_fraction(0.40, 0.30, 0.35, higher=False))
+    assert math.isnan(_fraction(0.90, 0.90, 0.90, higher=True))
+    assert _gap_cell(math.nan).strip() == "n/a" and _gap_cell(0.4).strip() == "40.0%"
 
 
 class Head(nn.Module):

@@ -139,7 +139,8 @@ class DistillReport:
     validation accuracy, then NLL), the teachers' ensemble and, if trained, the scratch model.
 
     ``gap_closed[m] = (student - best) / (ensemble - best)`` for ``m`` in accuracy and nll:
-    0 is no better than the best teacher, 1 as good as the ensemble (NaN when the two tie);
+    0 is no better than the best teacher, 1 as good as the ensemble (NaN, printed n/a, where
+    the ensemble is not better than the best teacher: there is no gap to close);
     ``scratch_gap_closed`` is the same for the scratch model.
     """
 
@@ -270,7 +271,9 @@ def distill_report(
         )
 
     def closed(m: dict[str, float]) -> dict[str, float]:
-        return {k: _fraction(m[k], best_row[k], ensemble[k]) for k in ("accuracy", "nll")}
+        return {
+            k: _fraction(m[k], best_row[k], ensemble[k], higher=k == "accuracy") for k in ("accuracy", "nll")
+        }
 
     student_row = score(student)
     scratch_row = score(scratch) if scratch is not None else None
@@ -409,14 +412,17 @@ def _scores(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def _gap_cell(value: float | None) -> str:
-    """A gap fraction as a table cell: blank where it does not apply, n/a where the ensemble ties the best."""
+    """A gap fraction as a table cell: blank where it does not apply, n/a where the ensemble is not better."""
     if value is None:
         return f"{'':>10}"
     return f"{'n/a':>10}" if math.isnan(value) else f"{value:>10.1%}"
 
 
-def _fraction(value: float, best: float, ensemble: float) -> float:
-    return (value - best) / (ensemble - best) if ensemble != best else math.nan
+def _fraction(value: float, best: float, ensemble: float, *, higher: bool) -> float:
+    """Share of the best-to-ensemble gap that ``value`` closes; NaN where the ensemble is not
+    better than the best teacher (``higher``: larger is better), since there is no gap to close."""
+    better = ensemble > best if higher else ensemble < best
+    return (value - best) / (ensemble - best) if better else math.nan
 
 
 __all__ = [
