@@ -312,3 +312,23 @@ def test_mismatched_models_are_refused():
     b = small_mlp(0, hidden=6)
     with pytest.raises(ConfigError, match=r"tensor '0\.weight' has shape \(6, 5\) in model 1 but \(4, 5\)"):
         fisher_merge([a, b], [{}, {}])
+
+
+def test_regmean_singular_gram_takes_the_average_where_data_say_nothing():
+    """Input feature 2 is zero in every model's data: its column is the average, the rest a regression."""
+    rng = np.random.default_rng(3)
+    states, grams, xs = [], [], []
+    for _ in range(2):
+        x = rng.normal(size=(12, 4))
+        x[:, 2] = 0.0
+        w = rng.normal(size=(3, 4))
+        states.append({"weight": torch.from_numpy(w)})
+        grams.append({"weight": torch.from_numpy(x.T @ x)})
+        xs.append(x)
+    out = regmean_merge(states, grams, alpha=1.0)["weight"].numpy()
+    ws = [s["weight"].numpy() for s in states]
+    np.testing.assert_allclose(out[:, 2], (ws[0][:, 2] + ws[1][:, 2]) / 2, rtol=1e-9)
+    keep = [0, 1, 3]
+    gs = [x[:, keep].T @ x[:, keep] for x in xs]
+    expected = sum(w[:, keep] @ g for w, g in zip(ws, gs)) @ np.linalg.inv(sum(gs))
+    np.testing.assert_allclose(out[:, keep], expected, rtol=1e-8)

@@ -18,7 +18,6 @@ computed on, which is checked against the state dict being merged.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -168,9 +167,10 @@ def regmean_merge(
 
     ``grams[i]`` maps each Linear weight name of model i to its input Gram X_i^T X_i
     (:func:`gram_matrices`). For those weights, G_i' = alpha G_i + (1 - alpha) diag(G_i) and
-    W = (sum_i W_i G_i')(sum_i G_i')^-1 (solved in float64; a singular sum, e.g. an input
-    feature that is zero in every model's data, falls back to the least-norm solution with a
-    warning). alpha = 1 gives the exact minimiser of sum_i ||X_i W^T - X_i W_i^T||^2; the
+    W = (sum_i W_i G_i')(sum_i G_i')^-1 (solved in float64). Where the sum is singular (an
+    input feature that is zero in every model's data: dead pixels, dead ReLUs) the data do not
+    determine W along those directions, and W there is the plain average (the minimiser
+    closest to the average: average + pinv(sum G') (rhs - sum G' average)). alpha = 1 gives the exact minimiser of sum_i ||X_i W^T - X_i W_i^T||^2; the
     paper reports alpha around 0.9 working best (the default). Every other tensor (biases,
     embeddings, norms) is the plain average.
     """
@@ -212,18 +212,14 @@ def regmean_merge(
                 g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
             total += g
             rhs += g @ x.to(torch.float64).T
-        out[name] = _solve(total, rhs, name, what).T.to(ref.dtype).contiguous()
+        average = _average(xs, w).to(torch.float64).T
+        out[name] = _solve(total, rhs, average).T.to(ref.dtype).contiguous()
     return out
 
 
-def _solve(a: torch.Tensor, b: torch.Tensor, name: str, what: str) -> torch.Tensor:
+def _solve(a: torch.Tensor, b: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
+    """X solving a X = b; where ``a`` is singular, the solution closest to ``average`` (least-norm in X - average)."""
     solution, info = torch.linalg.solve_ex(a, b)
     if int(info) == 0 and torch.isfinite(solution).all():
         return solution
-    warnings.warn(
-        f"{what}: the summed Gram matrix of {name!r} is singular (an input feature never varies in the "
-        "data); using the least-norm solution",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return torch.linalg.pinv(a, hermitian=True) @ b
+    return average + torch.linalg.pinv(a, hermitian=True) @ (b - a @ average)
