@@ -80,7 +80,10 @@ def test_fisher_per_example_equals_loop_with_true_labels():
     model = small_mlp(2)
     x, y = data(19)
     stats = fisher_information(model, loader(x, y, batch=5), label="true")
+    chunked = fisher_information(model, loader(x, y, batch=5), label="true", chunk_size=2)
     expected = by_hand_fisher(model, x, y)
+    for n, t in chunked.tensors.items():
+        np.testing.assert_allclose(t.numpy(), stats.tensors[n].numpy(), rtol=1e-12, atol=1e-15)
     assert stats.kind == "fisher" and stats.count == 19
     assert set(stats.tensors) == set(expected)
     for n, e in expected.items():
@@ -139,6 +142,13 @@ def test_statistics_round_trip(tmp_path):
         assert set(back.tensors) == set(stats.tensors)
         for n in stats.tensors:
             assert torch.equal(back.tensors[n], stats.tensors[n])
+    # merging straight from the files (read tensor by tensor) gives what the in-memory statistics give
+    other = small_mlp(7)
+    fishers = [fisher_information(m, loader(x, y)) for m in (model, other)]
+    paths = [save_statistics(f, tmp_path / f"f{i}.safetensors") for i, f in enumerate(fishers)]
+    from_files = fisher_merge([model, other], [load_statistics(p) for p in paths])
+    in_memory = fisher_merge([model, other], fishers)
+    assert all(torch.equal(from_files[n], in_memory[n]) for n in in_memory)
 
 
 def test_load_statistics_refuses_a_weights_file(tmp_path):

@@ -100,13 +100,15 @@ def _average(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return linear(xs, None, weight=weights, normalize=True)
 
 
-def _stat(st: Statistics, i: int, name: str, shape: tuple[int, ...], kind: str, what: str) -> torch.Tensor:
+def _stat(
+    st: Statistics, i: int, name: str, shape: tuple[int, ...], kind: str, what: str, device: torch.device
+) -> torch.Tensor:
     t = st.tensors[name]
     if tuple(t.shape) != shape:
         raise ConfigError(
             f"{what}: {kind} statistics {i} for {name!r} have shape {tuple(t.shape)}; expected {shape}"
         )
-    return t.to(torch.float64)
+    return t.to(device=device, dtype=torch.float64)
 
 
 def fisher_merge(
@@ -145,10 +147,10 @@ def fisher_merge(
                 f"{what}: tensor {name!r} has a Fisher in some models' statistics but not in those of "
                 f"model(s) {missing}; compute all statistics with the same trainable parameters"
             )
-        num = torch.zeros(ref.shape, dtype=torch.float64)
-        den = torch.zeros(ref.shape, dtype=torch.float64)
+        num = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+        den = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
         for i, (st, x) in enumerate(zip(stats, xs)):
-            f = _stat(st, i, name, tuple(ref.shape), "fisher", what).clamp_min(epsilon) * w[i]
+            f = _stat(st, i, name, tuple(ref.shape), "fisher", what, ref.device).clamp_min(epsilon) * w[i]
             num += f * x.to(torch.float64)
             den += f
         avg = _average(xs, w).to(torch.float64)
@@ -204,10 +206,10 @@ def regmean_merge(
                 f"{what}: {name!r} has a Gram matrix but is not a 2-d Linear weight ({tuple(ref.shape)})"
             )
         n_in = ref.shape[1]
-        total = torch.zeros(n_in, n_in, dtype=torch.float64)
-        rhs = torch.zeros(n_in, ref.shape[0], dtype=torch.float64)
+        total = torch.zeros(n_in, n_in, dtype=torch.float64, device=ref.device)
+        rhs = torch.zeros(n_in, ref.shape[0], dtype=torch.float64, device=ref.device)
         for i, (st, x) in enumerate(zip(stats, xs)):
-            g = _stat(st, i, name, (n_in, n_in), "gram", what)
+            g = _stat(st, i, name, (n_in, n_in), "gram", what, ref.device)
             if alpha != 1:
                 g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
             total += g

@@ -118,6 +118,7 @@ def fisher_information(
     label: Label = "true",
     seed: int = 0,
     max_examples: int | None = None,
+    chunk_size: int | None = None,
 ) -> Statistics:
     """Diagonal empirical Fisher of a classifier from exact per-example gradients, averaged over examples.
 
@@ -127,6 +128,8 @@ def fisher_information(
     (drawn from softmax(logits) with ``torch.Generator().manual_seed(seed)``). The model runs
     in eval mode (dropout off, BatchNorm on running statistics) and is left unchanged.
     Parameters with ``requires_grad=False`` get no Fisher (a merge then averages them).
+    Per-example gradients of a whole batch are held at once (batch x parameters);
+    ``chunk_size`` computes them that many examples at a time to bound the memory.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -146,7 +149,9 @@ def fisher_information(
         logp = torch.log_softmax(logits, dim=-1).reshape(-1)
         return -torch.gather(logp, 0, y.reshape(1)).sum()
 
-    per_example = vmap(grad(nll), in_dims=(None, 0, 0))
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive number of examples; found {chunk_size}")
+    per_example = vmap(grad(nll), in_dims=(None, 0, 0), chunk_size=chunk_size)
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     count = 0
     was_training = model.training
