@@ -118,3 +118,34 @@ def test_bad_inputs(task_pool):
         adamerging(base, [], data)
     with pytest.raises(ConfigError, match="cannot run on"):
         adamerging(base, models, TensorDataset(torch.randn(10, 5), torch.zeros(10, dtype=torch.long)))
+
+
+def test_batchnorm_buffers_and_eval_mode():
+    """Running statistics are merged with the initial lambda and the merged net runs in eval mode (dropout off)."""
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        return m
+
+    base, models = net(0), [net(1), net(2)]
+    data = TensorDataset(torch.randn(40, 4), torch.zeros(40, dtype=torch.long))
+    frozen = adamerging(base, models, data, granularity="layer", init=0.4, lr=0.0, epochs=1)
+    for name in ("running_mean", "running_var"):
+        b = getattr(base[1], name)
+        expected = b + 0.4 * sum(getattr(m[1], name) - b for m in models)
+        torch.testing.assert_close(getattr(frozen.model[1], name), expected, atol=1e-6, rtol=0)
+    assert frozen.coefficients.shape == (2, 6)  # 2 tasks x (2 linear + BN weight/bias + 2 linear) tensors
+    # eval mode while learning: with lr 0 the mean batch entropy is the full-data entropy (dropout or
+    # batch statistics would change it); 5 equal batches of 8
+    still = adamerging(base, models, data, granularity="layer", init=0.4, lr=0.0, epochs=2, batch_size=8)
+    assert len(still.losses) == 10
+    assert sum(still.losses) / 10 == pytest.approx(frozen.entropy_before, abs=1e-6)
+    learned = adamerging(base, models, data, granularity="layer", lr=5e-2, epochs=20, batch_size=8)
+    assert learned.entropy_after < learned.entropy_before
+    for name in ("running_mean", "running_var"):  # buffers stay at the initial lambda (0.3), not learned
+        b = getattr(base[1], name)
+        expected = b + 0.3 * sum(getattr(m[1], name) - b for m in models)
+        torch.testing.assert_close(getattr(learned.model[1], name), expected, atol=1e-6, rtol=0)

@@ -15,7 +15,7 @@ from modelfuse.zoo import build_finetune_pool, evaluate
 
 @pytest.fixture(scope="module")
 def digits_pool():
-    """One zoo MLP pretrained on digits, fine-tuned from four seeds (two of them with a high learning rate)."""
+    """One zoo MLP pretrained on digits, fine-tuned on all of digits from four seeds."""
     return build_finetune_pool(
         "mlp",
         "digits",
@@ -24,7 +24,7 @@ def digits_pool():
         finetune_epochs=2,
         model_kwargs={"hidden": (64,)},
         train_kwargs={"lr": 3e-3},
-        finetune_kwargs={"lr": 1e-2},
+        finetune_kwargs={"lr": 3e-3},
         progress=False,
     )
 
