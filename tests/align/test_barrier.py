@@ -115,3 +115,72 @@ def test_table_and_png(tmp_path):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="PNG"):
         result.plot(tmp_path / "barrier.pdf")
+
+
+def test_cli_barrier(tmp_path, capsys):
+    import json
+
+    from modelfuse.cli import main
+    from modelfuse.data import load
+    from modelfuse.io import save_state_dict
+    from modelfuse.zoo import create_model, evaluate
+
+    splits = load("digits")
+    models, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model("mlp", input_shape=splits.input_shape, num_classes=10, hidden=[16])
+        path = tmp_path / f"m{seed}.safetensors"
+        save_state_dict(model, path)
+        models.append(model)
+        paths.append(str(path))
+    png = tmp_path / "out" / "path.png"
+    args = [
+        "barrier",
+        *paths,
+        "--arch",
+        "mlp",
+        "--arch-option",
+        "hidden=[16]",
+        "--points",
+        "5",
+        "-o",
+        str(png),
+    ]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["t"] for p in report["path"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for end, model in ((0, models[0]), (-1, models[1])):  # the endpoints are the checkpoints themselves
+        metrics = evaluate(model, splits.test)
+        assert report["path"][end]["loss"] == pytest.approx(metrics["nll"], abs=1e-6)
+        assert report["path"][end]["accuracy"] == pytest.approx(metrics["accuracy"])
+    losses = [p["loss"] for p in report["path"]]
+    assert report["barrier"] == pytest.approx(max(losses) - (losses[0] + losses[-1]) / 2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = png.read_bytes()
+    # an existing PNG is kept unless --force; bad inputs are one-line errors that write nothing
+    assert main(args) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert png.read_bytes() == before
+    assert main([*args, "--force"]) == 0
+    assert "loss barrier" in capsys.readouterr().out
+    bad = tmp_path / "bad.png"
+    assert main(["barrier", *paths, "--arch", "mlp", "--arch-option", "hidden=[8]", "-o", str(bad)]) == 2
+    assert "does not fit the MLP" in capsys.readouterr().err
+    assert not bad.exists()
+    assert (
+        main(
+            [
+                "barrier",
+                *paths,
+                "--arch",
+                "mlp",
+                "--arch-option",
+                "hidden=[16]",
+                "-o",
+                str(tmp_path / "x.pdf"),
+            ]
+        )
+        == 2
+    )
+    assert "PNG" in capsys.readouterr().err

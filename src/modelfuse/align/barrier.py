@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from modelfuse._durable import atomic_file
 from modelfuse.data.splits import Splits
 from modelfuse.errors import ConfigError
 from modelfuse.merge.soups import SPLITS, check_same_shapes
@@ -57,6 +58,19 @@ class BarrierResult:
     accuracies: list[float]
     split: str
     n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The path and the summary figures, JSON-ready."""
+        return {
+            "split": self.split,
+            "samples": self.n,
+            "barrier": self.barrier,
+            "accuracy_barrier": self.accuracy_barrier,
+            "midpoint": self.midpoint,
+            "path": [
+                {"t": t, "loss": lo, "accuracy": a} for t, lo, a in zip(self.ts, self.losses, self.accuracies)
+            ],
+        }
 
     @property
     def barrier(self) -> float:
@@ -96,7 +110,8 @@ class BarrierResult:
         (console or Console()).print(self.table(title))
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Loss and accuracy against t, as a PNG at ``path`` (its folder is created); returns the path."""
+        """Loss and accuracy against t, as a PNG at ``path`` (its folder is created, an existing file replaced
+        atomically); returns the path."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -105,7 +120,6 @@ class BarrierResult:
             raise ConfigError(
                 f"the barrier plot is written as PNG; give a path ending in .png, not {str(path)!r}"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig = Figure(figsize=(8, 3.2))
         FigureCanvasAgg(fig)
         ax_loss, ax_acc = fig.subplots(1, 2)
@@ -119,7 +133,8 @@ class BarrierResult:
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, format="png", dpi=100)
+        with atomic_file(path) as tmp:  # a whole PNG or none, never a truncated one
+            fig.savefig(tmp, format="png", dpi=100)
         return path
 
 
