@@ -21,6 +21,11 @@ so test figures stay honest by default.
 Buffers (BatchNorm running statistics) are not learned: floating-point buffers are merged
 with the initial coefficients (task arithmetic with lambda = ``init``), integer buffers come
 from the base. The merged network runs in eval mode throughout (no dropout, running statistics).
+
+Limits: entropy minimisation presumes that confident predictions are right. Where the base is
+confidently wrong on a task's inputs (a base pretrained on upright digits, shown rotated ones),
+the lowest entropy can lie at lambda = 0 for that task, and AdaMerging then removes the task
+vector it should keep. Check the result against task arithmetic on labelled held-out data.
 """
 
 from __future__ import annotations
