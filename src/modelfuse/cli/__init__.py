@@ -22,6 +22,7 @@ COMMANDS = {
     "ensemble": "modelfuse.cli.ensemble",
     "fuse-features": "modelfuse.cli.fuse_features",
     "demo": "modelfuse.cli.demo",
+    "barrier": "modelfuse.cli.barrier",
 }
 
 

@@ -1,0 +1,151 @@
+"""AdaMerging (Yang et al. 2024): entropy goes down, lr 0 is task arithmetic by hand, shapes, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from modelfuse.errors import ConfigError
+from modelfuse.merge import merge_modules
+from modelfuse.merge.adamerging import adamerging, prediction_entropy
+from modelfuse.zoo import build_finetune_pool
+
+
+@pytest.fixture(scope="module")
+def task_pool():
+    """One zoo MLP pretrained on digits, fine-tuned on the label subsets 0-3 / 4-6 / 7-9."""
+    return build_finetune_pool(
+        "mlp",
+        "digits",
+        tasks=[[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]],
+        pretrain_epochs=3,
+        finetune_epochs=3,
+        model_kwargs={"hidden": (64, 32)},
+        train_kwargs={"lr": 3e-3},
+        progress=False,
+    )
+
+
+def _by_hand(base: nn.Module, models, lam) -> dict[str, torch.Tensor]:
+    """theta_0 + sum_k lambda_k (theta_k - theta_0), lam: (K,) or (K, P) over the named parameters."""
+    names = [n for n, _ in base.named_parameters()]
+    sb = base.state_dict()
+    out = {}
+    for j, n in enumerate(names):
+        total = sb[n].double().clone()
+        for k, m in enumerate(models):
+            w = float(lam[k]) if lam.dim() == 1 else float(lam[k, j])
+            total += w * (m.state_dict()[n].double() - sb[n].double())
+        out[n] = total
+    return out
+
+
+def test_prediction_entropy_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    p = 1 / (1 + math.exp(-2))  # softmax of (2, 0)
+    h2 = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert float(prediction_entropy(logits)) == pytest.approx((math.log(2) + h2) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_lr_zero_is_task_arithmetic(task_pool, granularity):
+    base, models = task_pool.base, task_pool.members
+    result = adamerging(base, models, task_pool.data, granularity=granularity, init=0.3, lr=0.0, epochs=1)
+    lam = torch.full(result.coefficients.shape, 0.3)
+    torch.testing.assert_close(result.coefficients, lam)
+    expected = _by_hand(base, models, lam)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.model.state_dict()[name].double(), value, atol=1e-6, rtol=0)
+    # and the registry's task arithmetic (lambda scales the summed task vectors) agrees
+    ta = merge_modules("task_arithmetic", models, base, lambda_=0.3)
+    for name, value in ta.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_layerwise_entropy_decreases_and_shapes(task_pool):
+    base, models = task_pool.base, task_pool.members
+    result = adamerging(base, models, task_pool.data, granularity="layer", lr=1e-2, epochs=4, batch_size=64)
+    n_tensors = len(list(base.parameters()))
+    assert result.coefficients.shape == (3, n_tensors) == (3, 6)
+    assert result.names == [n for n, _ in base.named_parameters()]
+    assert result.entropy_after < result.entropy_before - 1e-3
+    assert ((result.coefficients >= 0) & (result.coefficients <= 1)).all()
+    assert not torch.allclose(result.coefficients, torch.full((3, 6), 0.3))
+    # the returned model is exactly theta_0 + sum lambda tau with the learned (clamped) coefficients
+    expected = _by_hand(base, models, result.coefficients)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.model.state_dict()[name].double(), value, atol=1e-6, rtol=0)
+    # its entropy on the adaptation inputs is the reported one, computed independently here
+    x = task_pool.data.val.tensors[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(result.model.eval()(x).double(), -1)
+    assert float(-(logp.exp() * logp).sum(-1).mean()) == pytest.approx(result.entropy_after, abs=1e-5)
+    # the inputs were not modified
+    assert torch.equal(
+        base.state_dict()["classifier.weight"], task_pool.base.state_dict()["classifier.weight"]
+    )
+
+
+def test_taskwise_has_one_coefficient_per_task(task_pool):
+    result = adamerging(
+        task_pool.base, task_pool.members, task_pool.data, granularity="task", lr=1e-2, epochs=2
+    )
+    assert result.coefficients.shape == (3,)
+    assert result.entropy_after < result.entropy_before
+
+
+def test_bad_inputs(task_pool):
+    base, models, data = task_pool.base, task_pool.members, task_pool.data
+    with pytest.raises(ConfigError, match="test split"):
+        adamerging(base, models, data, split="test")
+    ok = adamerging(base, models, data, split="test", allow_test=True, lr=0.0, epochs=1, max_examples=16)
+    assert ok.split == "test"
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match="model 1 does not have the architecture of the base"):
+        adamerging(base, [models[0], other], data)
+    wider = copy.deepcopy(base)
+    wider.classifier = nn.Linear(32, 11)
+    with pytest.raises(ConfigError, match=r"tensor 'classifier.weight' of model 0 is \(11, 32\)"):
+        adamerging(base, [wider], data)
+    with pytest.raises(ConfigError, match="granularity"):
+        adamerging(base, models, data, granularity="block")
+    with pytest.raises(ConfigError, match="at least one fine-tuned model"):
+        adamerging(base, [], data)
+    with pytest.raises(ConfigError, match="cannot run on"):
+        adamerging(base, models, TensorDataset(torch.randn(10, 5), torch.zeros(10, dtype=torch.long)))
+
+
+def test_batchnorm_buffers_and_eval_mode():
+    """Running statistics are merged with the initial lambda and the merged net runs in eval mode (dropout off)."""
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        return m
+
+    base, models = net(0), [net(1), net(2)]
+    data = TensorDataset(torch.randn(40, 4), torch.zeros(40, dtype=torch.long))
+    frozen = adamerging(base, models, data, granularity="layer", init=0.4, lr=0.0, epochs=1)
+    for name in ("running_mean", "running_var"):
+        b = getattr(base[1], name)
+        expected = b + 0.4 * sum(getattr(m[1], name) - b for m in models)
+        torch.testing.assert_close(getattr(frozen.model[1], name), expected, atol=1e-6, rtol=0)
+    assert frozen.coefficients.shape == (2, 6)  # 2 tasks x (2 linear + BN weight/bias + 2 linear) tensors
+    # eval mode while learning: with lr 0 the mean batch entropy is the full-data entropy (dropout or
+    # batch statistics would change it); 5 equal batches of 8
+    still = adamerging(base, models, data, granularity="layer", init=0.4, lr=0.0, epochs=2, batch_size=8)
+    assert len(still.losses) == 10
+    assert sum(still.losses) / 10 == pytest.approx(frozen.entropy_before, abs=1e-6)
+    learned = adamerging(base, models, data, granularity="layer", lr=5e-2, epochs=20, batch_size=8)
+    assert learned.entropy_after < learned.entropy_before
+    for name in ("running_mean", "running_var"):  # buffers stay at the initial lambda (0.3), not learned
+        b = getattr(base[1], name)
+        expected = b + 0.3 * sum(getattr(m[1], name) - b for m in models)
+        torch.testing.assert_close(getattr(learned.model[1], name), expected, atol=1e-6, rtol=0)
