@@ -1,0 +1,34 @@
+"""Permutation alignment: make independently trained networks mergeable (Git Re-Basin and kin).
+
+- ``permutation_spec(model)``: the groups of weight axes that share one permutation,
+  derived by tracing the model with torch.fx; ``explain(model)`` prints them.
+- ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
+- ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
+"""
+
+from __future__ import annotations
+
+from modelfuse.align.matching import Matching, align, weight_matching
+from modelfuse.align.permute import apply_permutation, permute_state_dict
+from modelfuse.align.spec import (
+    AxisRef,
+    FixedGroup,
+    PermutationGroup,
+    PermutationSpec,
+    explain,
+    permutation_spec,
+)
+
+__all__ = [
+    "AxisRef",
+    "FixedGroup",
+    "Matching",
+    "PermutationGroup",
+    "PermutationSpec",
+    "align",
+    "apply_permutation",
+    "explain",
+    "permutation_spec",
+    "permute_state_dict",
+    "weight_matching",
+]

@@ -1,0 +1,581 @@
+"""Permutation specifications derived from a model by tracing it with torch.fx.
+
+Reordering the hidden units of a layer changes nothing a network computes as long as
+every weight axis that indexes those units is reordered the same way: the output axis
+of the producing Linear/Conv weight and bias, the BatchNorm/LayerNorm parameters and
+running statistics that follow, and the input axis of every consumer (Ainsworth et al.
+2023, "Git Re-Basin", Sec. 3). A :class:`PermutationSpec` lists those axes per group.
+
+The spec is found by propagating, node by node through the traced graph, which groups
+the feature axis of each value carries:
+
+- Linear/Conv outputs start a new group; their inputs tie the consumer's input axis to
+  the groups of the incoming value;
+- elementwise ops (activations, dropout, pooling over space) pass groups through;
+- additions and other elementwise binary ops of two tensors merge their groups (residual
+  connections: both branches must share one permutation);
+- concatenations along the feature axis put groups side by side;
+- flattening a conv feature map into a Linear repeats each channel over the spatial
+  positions (the repeat factor is read from the Linear's ``in_features``).
+
+The model's input and output axes are fixed, and so is every group that reaches an op
+this module does not understand; :meth:`PermutationSpec.explain` says which node fixed
+which group and why.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from modelfuse.errors import AlignmentError
+
+
+@dataclass(frozen=True)
+class AxisRef:
+    """One weight axis (or a block of it) permuted by a group.
+
+    The block starts at ``start`` on ``axis`` of the state-dict entry ``name`` and holds
+    ``size * repeat`` positions; unit ``i`` of the group owns positions
+    ``start + i * repeat ... start + i * repeat + repeat - 1`` (``repeat`` > 1 where a conv
+    feature map was flattened into a Linear; ``start`` > 0 after a concatenation).
+    """
+
+    name: str
+    axis: int
+    start: int = 0
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class PermutationGroup:
+    """Weight axes that share one permutation of ``size`` units."""
+
+    name: str
+    size: int
+    axes: tuple[AxisRef, ...]
+    producers: tuple[str, ...] = ()  # fx nodes whose output carries exactly this group on its feature axis
+
+
+@dataclass(frozen=True)
+class FixedGroup:
+    """Axes that cannot be permuted, with the node that fixed them and why."""
+
+    name: str
+    size: int
+    axes: tuple[AxisRef, ...]
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """Groups of weight axes that share a permutation (``groups``), and those that cannot move (``fixed``)."""
+
+    groups: dict[str, PermutationGroup]
+    fixed: tuple[FixedGroup, ...] = ()
+    model_name: str = "model"
+    tap_layouts: dict[str, tuple[str, int, int]] = field(
+        default_factory=dict
+    )  # node -> (layout, offset, group size)
+
+    def axes_of(self, name: str) -> list[tuple[str, AxisRef]]:
+        """(group name, axis) pairs that permute the state-dict entry ``name``."""
+        return [(g.name, ax) for g in self.groups.values() for ax in g.axes if ax.name == name]
+
+    def param_axes(self) -> dict[str, list[tuple[str, AxisRef]]]:
+        """State-dict entry -> every (group name, axis) that permutes it."""
+        out: dict[str, list[tuple[str, AxisRef]]] = {}
+        for g in self.groups.values():
+            for ax in g.axes:
+                out.setdefault(ax.name, []).append((g.name, ax))
+        return out
+
+    def explain(self) -> str:
+        """A readable listing of the permutable groups and of the fixed axes with their reasons."""
+        lines = [f"{self.model_name}: {len(self.groups)} permutation group(s), {len(self.fixed)} fixed"]
+        for g in self.groups.values():
+            lines.append(f"  group {g.name} ({g.size} units)")
+            lines += [f"    {_fmt_axis(a)}" for a in g.axes]
+        for f in self.fixed:
+            lines.append(f"  fixed {f.name} ({f.size} units) at node {f.node!r}: {f.reason}")
+            lines += [f"    {_fmt_axis(a)}" for a in f.axes]
+        return "\n".join(lines)
+
+
+def _fmt_axis(a: AxisRef) -> str:
+    extra = "".join(
+        [f", from {a.start}" if a.start else "", f", each unit repeated {a.repeat}x" if a.repeat > 1 else ""]
+    )
+    return f"{a.name} axis {a.axis}{extra}"
+
+
+# ---------------------------------------------------------------------------------------------
+# tracing
+
+
+class _RecordingTracer(fx.Tracer):
+    """A tracer that remembers which module it is inside, to name it when tracing fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        name = self.path_of_module(m)
+        self.stack.append(f"{name or '<root>'} ({type(m).__name__})")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module, as the error unwinds
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced with torch.fx, or an :class:`AlignmentError` naming where tracing failed."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = _RecordingTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = tracer.failed_in or f"<root> ({type(model).__name__})"
+        raise AlignmentError(
+            f"cannot trace {type(model).__name__} with torch.fx: failed inside module {where}: "
+            f"{type(exc).__name__}: {exc}. Permutation alignment needs a traceable forward (no "
+            "data-dependent Python control flow); rewrite that forward without branching on tensor "
+            "values, or mark the module as a leaf (its weights then stay fixed)."
+        ) from exc
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# propagation
+
+
+@dataclass(frozen=True)
+class _Feat:
+    """The permutation groups carried by a value's feature axis.
+
+    ``layout`` is "channel" (axis 1 of an N x C x ... map) or "last" (the last axis);
+    ``segments`` are (group id, units) side by side; ``repeat`` is how often each unit
+    repeats (None: flattened from a map of unknown spatial size).
+    """
+
+    segments: tuple[tuple[int, int], ...]
+    layout: str
+    repeat: int | None = 1
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.segments)
+
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)  # fmt: skip
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_PASS_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.sigmoid, torch.nn.functional.tanh,
+}  # fmt: skip
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}  # fmt: skip
+_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "relu_", "float", "to"}
+_BINARY = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.maximum, torch.minimum,
+}  # fmt: skip
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_SHAPE_METHODS = {"size", "dim"}
+_NORM_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _Builder:
+    """Union-find over groups plus the axes attached to them while walking the graph."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.label: list[str] = []
+        self.axes: list[list[AxisRef]] = []
+        self.fixed: dict[int, tuple[str, str]] = {}
+        self.axis_owner: dict[AxisRef, int] = {}
+        self.feat: dict[str, _Feat | None] = {}
+        self.ndim: dict[str, int | None] = {}
+        self.tensor: dict[str, bool] = {}
+
+    # -- union-find --------------------------------------------------------------------------
+    def new_group(self, size: int, label: str) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.label.append(label)
+        self.axes.append([])
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int, node: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            self.fix_group(ra, node, f"joins groups of {self.size[ra]} and {self.size[rb]} units")
+            self.fix_group(rb, node, f"joins groups of {self.size[ra]} and {self.size[rb]} units")
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        self.axes[lo] += self.axes[hi]
+        self.axes[hi] = []
+        if hi in self.fixed and lo not in self.fixed:
+            self.fixed[lo] = self.fixed[hi]
+        self.fixed.pop(hi, None)
+
+    def add_axis(self, g: int, ref: AxisRef) -> None:
+        if ref in self.axis_owner:  # a module called twice: both calls share one permutation
+            self.union(self.axis_owner[ref], g, ref.name)
+            return
+        self.axis_owner[ref] = g
+        self.axes[self.find(g)].append(ref)
+
+    def fix_group(self, g: int, node: str, reason: str) -> None:
+        r = self.find(g)
+        self.fixed.setdefault(r, (node, reason))
+
+    def fix(self, feat: _Feat | None, node: str, reason: str) -> None:
+        if feat is not None:
+            for g, _ in feat.segments:
+                self.fix_group(g, node, reason)
+
+    # -- walking -----------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                for arg in _node_args(node):
+                    self.fix(self.feat.get(arg.name), node.name, "reaches the model's output")
+                continue
+            feat, ndim, is_tensor = self.visit(node)
+            self.feat[node.name], self.ndim[node.name], self.tensor[node.name] = feat, ndim, is_tensor
+
+    def visit(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
+        if node.op == "placeholder":
+            return None, None, True  # the model's input: fixed by construction
+        if node.op == "get_attr":
+            return None, None, True
+        x = node.args[0] if node.args else None
+        xf = self.feat.get(x.name) if isinstance(x, fx.Node) else None
+        xd = self.ndim.get(x.name) if isinstance(x, fx.Node) else None
+        if node.op == "call_module":
+            return self.visit_module(node, self.modules[str(node.target)], xf, xd)
+        if node.op == "call_function":
+            fn = node.target
+            if fn in _PASS_FUNCTIONS:
+                return self.only_first(node, xf, xd)
+            if fn in _POOL_FUNCTIONS:
+                return self.pool(node, xf, xd)
+            if fn in _BINARY:
+                return self.binary(node)
+            if fn is torch.flatten:
+                return self.flatten(node, xf, xd, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            if fn is torch.cat or fn is torch.concat:
+                return self.cat(node)
+            if fn is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+                return None, None, False
+            if fn is operator.getitem and isinstance(x, fx.Node) and not self.tensor.get(x.name, True):
+                return None, None, False  # indexing a shape
+        if node.op == "call_method":
+            m = str(node.target)
+            if m in _SHAPE_METHODS:
+                return None, None, False
+            if m in _PASS_METHODS:
+                return self.only_first(node, xf, xd)
+            if m in _BINARY_METHODS:
+                return self.binary(node)
+            if m == "flatten":
+                return self.flatten(node, xf, xd, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+            if m in ("view", "reshape"):
+                shape = node.args[1:]
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                    shape = tuple(shape[0])
+                if len(shape) == 2 and shape[1] == -1:
+                    return self.flatten(node, xf, xd, 1, -1)
+        return self.unknown(node, f"{node.op} {_target_name(node)} is not understood by permutation tracing")
+
+    def unknown(self, node: fx.Node, reason: str) -> tuple[_Feat | None, int | None, bool]:
+        for arg in _node_args(node):
+            self.fix(self.feat.get(arg.name), node.name, reason)
+        return None, None, True
+
+    def only_first(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        others = [a for a in _node_args(node)[1:] if self.tensor.get(a.name, True)]
+        if others:
+            return self.unknown(node, f"{_target_name(node)} takes more than one tensor")
+        return xf, xd, True
+
+    def pool(self, node: fx.Node, xf: _Feat | None, xd: int | None) -> tuple[_Feat | None, int | None, bool]:
+        if xf is not None and xf.layout != "channel":
+            return self.unknown(node, "pools over the feature axis of a Linear output")
+        return self.only_first(node, xf, xd)
+
+    def visit_module(
+        self, node: fx.Node, mod: nn.Module, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        name = str(node.target)
+        if isinstance(mod, _PASS_MODULES):
+            return self.only_first(node, xf, xd)
+        if isinstance(mod, _POOL_MODULES):
+            return self.pool(node, xf, xd)
+        if isinstance(mod, nn.Flatten):
+            return self.flatten(node, xf, xd, mod.start_dim, mod.end_dim)
+        if isinstance(mod, nn.Linear):
+            repeat = 1
+            if xf is not None:
+                if xf.layout != "last":
+                    return self.unknown(node, "a Linear applied to the last axis of a conv feature map")
+                repeat = xf.repeat
+                if repeat is None:
+                    repeat = mod.in_features // xf.total if xf.total else 0
+                if xf.total * repeat != mod.in_features:
+                    return self.unknown(
+                        node, f"in_features {mod.in_features} do not match {xf.total} units in"
+                    )
+            return self.layer(name, mod, xf, mod.out_features, "last", xd, repeat)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(mod)]
+            if mod.groups != 1:
+                return self.unknown(node, f"a grouped convolution (groups={mod.groups})")
+            if xf is not None and (xf.layout != "channel" or xf.repeat != 1 or xf.total != mod.in_channels):
+                return self.unknown(node, "a convolution over an input that is not a channel-first map")
+            return self.layer(name, mod, xf, mod.out_channels, "channel", dims, 1)
+        if isinstance(mod, _NORM_BN):
+            if xf is None:
+                return None, xd, True
+            ok = xf.repeat == 1 and (xf.layout == "channel" or xd == 2)
+            if not ok or xf.total != mod.num_features:
+                return self.unknown(node, "BatchNorm over an axis other than the permuted features")
+            self.norm_axes(name, mod, xf, ("weight", "bias", "running_mean", "running_var"))
+            return xf, xd, True
+        if isinstance(mod, nn.LayerNorm):
+            if xf is None:
+                return None, xd, True
+            if xf.layout != "last" or xf.repeat != 1 or len(mod.normalized_shape) != 1:
+                return self.unknown(node, "LayerNorm over more than the permuted feature axis")
+            self.norm_axes(name, mod, xf, ("weight", "bias"))
+            return xf, xd, True
+        return self.unknown(node, f"module {type(mod).__name__} is not understood by permutation tracing")
+
+    def layer(
+        self,
+        name: str,
+        mod: nn.Module,
+        xf: _Feat | None,
+        out: int,
+        layout: str,
+        ndim: int | None,
+        repeat: int,
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """A Linear/Conv: its input axis joins the incoming groups, its output axis starts a new one."""
+        if xf is not None:
+            off = 0
+            for g, n in xf.segments:
+                self.add_axis(g, AxisRef(f"{name}.weight", 1, off * repeat, repeat))
+                off += n
+        g = self.new_group(out, name)
+        self.add_axis(g, AxisRef(f"{name}.weight", 0))
+        if getattr(mod, "bias", None) is not None:
+            self.add_axis(g, AxisRef(f"{name}.bias", 0))
+        return _Feat(((g, out),), layout), ndim, True
+
+    def norm_axes(self, name: str, mod: nn.Module, xf: _Feat, attrs: Iterable[str]) -> None:
+        for attr in attrs:
+            if getattr(mod, attr, None) is None:
+                continue
+            off = 0
+            for g, n in xf.segments:
+                self.add_axis(g, AxisRef(f"{name}.{attr}", 0, off))
+                off += n
+
+    def flatten(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None, start: Any, end: Any
+    ) -> tuple[_Feat | None, int | None, bool]:
+        if start != 1 or end != -1:
+            return self.unknown(
+                node, f"flattens dims {start}..{end} (only flattening from dim 1 is understood)"
+            )
+        if xf is None:
+            return None, 2, True
+        if xf.layout == "channel":
+            if xf.repeat != 1:
+                return self.unknown(node, "flattens a map twice")
+            return _Feat(xf.segments, "last", None), 2, True
+        if xd == 2:
+            return xf, 2, True
+        return self.unknown(node, "flattens a Linear output of unknown rank")
+
+    def binary(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and self.tensor.get(a.name, True)]
+        if len(tensors) <= 1:
+            x = tensors[0] if tensors else None
+            return (
+                (self.feat.get(x.name), self.ndim.get(x.name), True) if x is not None else (None, None, False)
+            )
+        feats = [self.feat.get(a.name) for a in tensors]
+        ndims = [self.ndim.get(a.name) for a in tensors]
+        ndim = next((d for d in ndims if d is not None), None)
+        if any(f is None for f in feats):
+            return self.unknown(node, "combines permuted features with a tensor that cannot be permuted")
+        first = feats[0]
+        assert first is not None
+        for other in feats[1:]:
+            assert other is not None
+            same = (
+                other.layout == first.layout
+                and other.repeat == first.repeat
+                and [n for _, n in other.segments] == [n for _, n in first.segments]
+            )
+            if not same:
+                return self.unknown(node, "combines feature axes laid out differently")
+            for (ga, _), (gb, _) in zip(first.segments, other.segments, strict=True):
+                self.union(ga, gb, node.name)
+        return first, ndim, True
+
+    def cat(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = _arg(node, 1, "dim", 0)
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
+            return self.unknown(node, "concatenates values it cannot follow")
+        feats = [self.feat.get(p.name) for p in parts]
+        ndim = next((self.ndim.get(p.name) for p in parts if self.ndim.get(p.name) is not None), None)
+        if any(f is None for f in feats):
+            return self.unknown(node, "concatenates permuted features with a tensor that cannot be permuted")
+        layouts = {f.layout for f in feats if f is not None}
+        repeats = {f.repeat for f in feats if f is not None}
+        if len(layouts) != 1 or repeats != {1}:
+            return self.unknown(node, "concatenates feature axes laid out differently")
+        layout = layouts.pop()
+        feature_dim = 1 if layout == "channel" or ndim == 2 else -1
+        on_features = dim == feature_dim or (
+            ndim is not None and dim in (feature_dim + ndim, feature_dim - ndim)
+        )
+        if on_features:
+            segments = tuple(s for f in feats if f is not None for s in f.segments)
+            return _Feat(segments, layout), ndim, True
+        if dim == 0:  # along the batch: every part keeps its features, so they share permutations
+            return self.binary_like(node, feats, ndim)
+        return self.unknown(node, f"concatenates along dim {dim}, not the feature axis")
+
+    def binary_like(
+        self, node: fx.Node, feats: list[_Feat | None], ndim: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        first = feats[0]
+        assert first is not None
+        for other in feats[1:]:
+            assert other is not None
+            if [n for _, n in other.segments] != [n for _, n in first.segments]:
+                return self.unknown(node, "concatenates feature axes laid out differently")
+            for (ga, _), (gb, _) in zip(first.segments, other.segments, strict=True):
+                self.union(ga, gb, node.name)
+        return first, ndim, True
+
+    # -- result ------------------------------------------------------------------------------
+    def spec(self, model_name: str) -> PermutationSpec:
+        roots = sorted({self.find(g) for g in range(len(self.parent))})
+        producers: dict[int, list[str]] = {}
+        taps: dict[str, tuple[str, int, int]] = {}
+        for node_name, f in self.feat.items():
+            if f is not None and len(f.segments) == 1 and f.repeat == 1:
+                r = self.find(f.segments[0][0])
+                producers.setdefault(r, []).append(node_name)
+                taps[node_name] = (f.layout, 0, f.segments[0][1])
+        groups: dict[str, PermutationGroup] = {}
+        fixed: list[FixedGroup] = []
+        used: set[str] = set()
+        for r in roots:
+            name = self.label[r]
+            while name in used:
+                name += "'"
+            used.add(name)
+            axes = tuple(self.axes[r])
+            if r in self.fixed:
+                node, reason = self.fixed[r]
+                fixed.append(FixedGroup(name, self.size[r], axes, node, reason))
+            else:
+                groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())))
+        return PermutationSpec(groups, tuple(fixed), model_name, taps)
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)  # type: ignore[func-returns-value]
+    return out
+
+
+def _arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(key, default)
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)
+
+
+def permutation_spec(model: nn.Module) -> PermutationSpec:
+    """The permutation groups of ``model``'s weights, derived by tracing it with torch.fx.
+
+    Raises :class:`AlignmentError` naming the module where tracing failed if ``model``
+    cannot be traced.
+    """
+    gm = trace(model)
+    builder = _Builder(gm)
+    builder.run()
+    spec = builder.spec(type(model).__name__)
+    state = model.state_dict()
+    for g in spec.groups.values():  # a sanity check of the walk against the real tensors
+        for ax in g.axes:
+            t = state.get(ax.name)
+            if t is None or t.dim() <= ax.axis or t.shape[ax.axis] < ax.start + g.size * ax.repeat:
+                raise AlignmentError(
+                    f"internal: permutation group {g.name} names {_fmt_axis(ax)} of {g.size} units, but the "
+                    f"model's state dict has {None if t is None else tuple(t.shape)} there; please report this"
+                )
+    return spec
+
+
+def explain(model: nn.Module) -> str:
+    """Which weight axes of ``model`` share a permutation, and which are fixed (by which node, why)."""
+    return permutation_spec(model).explain()
+
+
+def iter_group_axes(spec: PermutationSpec) -> Iterator[tuple[PermutationGroup, AxisRef]]:
+    for g in spec.groups.values():
+        for ax in g.axes:
+            yield g, ax

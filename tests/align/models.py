@@ -1,0 +1,73 @@
+"""Small hand-written networks that exercise one tracing rule each."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlattenNet(nn.Module):
+    """conv -> BN -> ReLU on a 3x3 map, flattened into a Linear (each channel repeats 9 times)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 9, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.out(torch.relu(self.fc(h.view(h.size(0), -1))))
+
+
+class CatNet(nn.Module):
+    """Two conv branches concatenated along channels, a residual add, a flatten into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 5, 1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.skip = nn.Conv2d(2, 8, 1)
+        self.fc = nn.Linear(8 * 4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        h = torch.relu(self.mix(h) + self.skip(x))
+        h = torch.flatten(h, 1)
+        return self.out(torch.relu(self.ln(self.fc(h))))
+
+
+class SortNet(nn.Module):
+    """A hidden layer that goes through torch.sort, which permutation tracing does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        h = torch.sort(self.fc2(h), dim=-1).values
+        return self.out(h)
+
+
+class Branchy(nn.Module):
+    """Python control flow on a tensor value: not traceable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = Branchy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.fc(x))
