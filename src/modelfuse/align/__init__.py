@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from modelfuse.align.matching import Matching, align, weight_matching
+from modelfuse.align.matching import Matching, activation_matching, align, weight_matching
 from modelfuse.align.permute import apply_permutation, permute_state_dict
 from modelfuse.align.spec import (
     AxisRef,
@@ -25,6 +25,7 @@ __all__ = [
     "Matching",
     "PermutationGroup",
     "PermutationSpec",
+    "activation_matching",
     "align",
     "apply_permutation",
     "explain",

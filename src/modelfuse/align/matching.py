@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import nn
+from torch import fx, nn
 
 from modelfuse.align.permute import apply_permutation, permute_tensor
-from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec
+from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec, trace
 from modelfuse.errors import AlignmentError, ConfigError
 
 
@@ -95,7 +96,104 @@ def weight_matching(
     return Matching(perms, passes, converged)
 
 
-_METHODS = ("weight_matching",)
+class _Taps(fx.Interpreter):
+    """Runs a traced model and keeps the outputs of the nodes named in ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.seen[n.name] = out
+        return out
+
+
+def _units(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Activations as (samples, units): the feature axis last, everything else flattened."""
+    if layout == "channel" and t.dim() > 2:
+        t = t.movedim(1, -1)
+    return t.reshape(-1, t.shape[-1]).to(torch.float64)
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise AlignmentError(
+            f"activation matching needs batches that are tensors or (inputs, labels) pairs; found {type(batch).__name__}"
+        )
+    return batch
+
+
+def activation_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Matching:
+    """Permutations of ``model_b``'s units that maximise the correlation of its activations with ``model_a``'s.
+
+    Activation matching of Ainsworth et al. 2023 (Sec. 3.1): per group, the Pearson
+    correlation ``C[i, j] = corr(z_a[i], z_b[j])`` of the two models' units over every
+    sample (and spatial position) of ``data`` at every node that carries the group,
+    summed over those nodes, then ``max_P sum_i C[i, P(i)]`` with ``linear_sum_assignment``.
+    """
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    gms = [trace(m).to(device).eval() for m in (model_a, model_b)]
+    taps = {name: g.producers for name, g in spec.groups.items()}
+    keep = {t for ts in taps.values() for t in ts}
+    stats: dict[str, list[torch.Tensor]] = {}
+    count: dict[str, int] = {}
+    seen_batches = 0
+    with torch.no_grad():
+        for batch in data:
+            if max_batches is not None and seen_batches >= max_batches:
+                break
+            x = _inputs_of(batch).to(device)
+            outs = []
+            for which, gm in zip(("reference (to=)", "to align"), gms, strict=True):
+                runner = _Taps(gm, keep)
+                try:
+                    runner.run(x)
+                except Exception as exc:
+                    raise AlignmentError(
+                        f"a batch of shape {tuple(x.shape)} does not fit the model {which}: "
+                        f"{type(exc).__name__}: {exc}; give activation matching batches of the model's inputs"
+                    ) from exc
+                outs.append(runner.seen)
+            seen_batches += 1
+            for tap in keep:
+                za = _units(outs[0][tap], spec.tap_layouts[tap][0])
+                zb = _units(outs[1][tap], spec.tap_layouts[tap][0])
+                s = stats.setdefault(tap, [torch.zeros(0)] * 5)
+                parts = [za.sum(0), zb.sum(0), za.T @ zb, (za * za).sum(0), (zb * zb).sum(0)]
+                stats[tap] = [p if o.numel() == 0 else o + p for o, p in zip(s, parts, strict=True)]
+                count[tap] = count.get(tap, 0) + za.shape[0]
+    if seen_batches == 0:
+        raise AlignmentError("activation matching got no batches; give it a non-empty data loader")
+    perms: dict[str, torch.Tensor] = {}
+    for name, g in spec.groups.items():
+        corr = torch.zeros(g.size, g.size, dtype=torch.float64)
+        for tap in taps[name]:
+            sa, sb, sab, saa, sbb = stats[tap]
+            n = count[tap]
+            ma, mb = sa / n, sb / n
+            cov = sab / n - ma[:, None] * mb[None, :]
+            std_a = (saa / n - ma**2).clamp_min(0).sqrt()
+            std_b = (sbb / n - mb**2).clamp_min(0).sqrt()
+            corr += cov / (std_a[:, None] * std_b[None, :] + 1e-12)
+        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        perms[name] = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    return Matching(perms, 1, True)
+
+
+_METHODS = ("weight_matching", "activation_matching")
 
 
 def align(
@@ -106,16 +204,26 @@ def align(
     max_passes: int = 100,
     seed: int = 0,
     spec: PermutationSpec | None = None,
+    data: Iterable[Any] | None = None,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A copy of ``model_b`` with its hidden units permuted to line up with ``to``'s.
 
     The copy computes exactly the same function as ``model_b``; only the order of its
-    hidden units changes (see :func:`weight_matching`).
+    hidden units changes. ``method`` is ``"weight_matching"`` (:func:`weight_matching`:
+    ``max_passes``, ``seed``) or ``"activation_matching"`` (:func:`activation_matching` on
+    the batches of ``data``, at most ``max_batches``).
     """
     if method not in _METHODS:
         raise ConfigError(f"unknown alignment method {method!r}; choose one of {list(_METHODS)}")
     state_a, state_b = to.state_dict(), model_b.state_dict()
     check_same_architecture(state_a, state_b)
     spec = spec if spec is not None else permutation_spec(model_b)
-    matching = weight_matching(spec, state_a, state_b, max_passes=max_passes, seed=seed)
+    if method == "activation_matching":
+        if data is None:
+            raise ConfigError("activation matching needs data=: a loader of batches of the models' inputs")
+        matching = activation_matching(spec, to, model_b, data, max_batches=max_batches, device=device)
+    else:
+        matching = weight_matching(spec, state_a, state_b, max_passes=max_passes, seed=seed)
     return apply_permutation(model_b, spec, matching.perms)
