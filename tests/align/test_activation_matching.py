@@ -35,5 +35,5 @@ def test_batches_that_do_not_fit_the_model() -> None:
         align(a, to=a, method="activation_matching", data=[torch.randn(4, 3, 5)])
     with pytest.raises(AlignmentError, match="no batches"):
         align(a, to=a, method="activation_matching", data=[])
-    with pytest.raises(ConfigError, match="needs data="):
+    with pytest.raises(ConfigError, match=r"missing required option\(s\): data"):
         align(a, to=a, method="activation_matching")

@@ -9,7 +9,7 @@ import torch
 
 from modelfuse import zoo
 from modelfuse.align import align, apply_permutation, permutation_spec, weight_matching
-from modelfuse.errors import AlignmentError, ConfigError
+from modelfuse.errors import AlignmentError, ConfigError, RegistryError
 
 
 def _planted(model: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -104,7 +104,9 @@ def test_different_architectures_name_the_first_differing_parameter() -> None:
 
 def test_bad_settings() -> None:
     a = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(8,))
-    with pytest.raises(ConfigError, match="unknown alignment method 'sinkhorn'"):
+    with pytest.raises(RegistryError, match=r"unknown alignment method 'sinkhorn'.*weight_matching"):
         align(a, to=a, method="sinkhorn")
     with pytest.raises(ConfigError, match="max_passes"):
         align(a, to=a, max_passes=0)
+    with pytest.raises(ConfigError, match="Valid options: max_passes, seed"):
+        align(a, to=a, data=[])

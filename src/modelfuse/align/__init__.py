@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from modelfuse.align.matching import Matching, activation_matching, align, weight_matching
+from modelfuse.align.matching import Matching, activation_matching, align, list_methods, weight_matching
 from modelfuse.align.permute import apply_permutation, permute_state_dict
 from modelfuse.align.spec import (
     AxisRef,
@@ -29,6 +29,7 @@ __all__ = [
     "align",
     "apply_permutation",
     "explain",
+    "list_methods",
     "permutation_spec",
     "permute_state_dict",
     "weight_matching",

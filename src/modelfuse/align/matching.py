@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import fx, nn
 from modelfuse.align.permute import apply_permutation, permute_tensor
 from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec, trace
 from modelfuse.errors import AlignmentError, ConfigError
+from modelfuse.registry import Registry, check_options
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,23 @@ def activation_matching(
     return Matching(perms, 1, True)
 
 
-_METHODS = ("weight_matching", "activation_matching")
+ALIGNERS: Registry[Callable[..., Matching]] = Registry("alignment method")
+
+
+def _weight_matching(
+    spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, *, max_passes: int = 100, seed: int = 0
+) -> Matching:
+    """:func:`weight_matching` on two modules' state dicts."""
+    return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), max_passes=max_passes, seed=seed)
+
+
+ALIGNERS.register("weight_matching", _weight_matching)
+ALIGNERS.register("activation_matching", activation_matching)
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Names of the registered alignment methods (``"weight_matching"``, ``"activation_matching"``)."""
+    return ALIGNERS.names(pattern)
 
 
 def align(
@@ -201,29 +218,20 @@ def align(
     *,
     to: nn.Module,
     method: str = "weight_matching",
-    max_passes: int = 100,
-    seed: int = 0,
     spec: PermutationSpec | None = None,
-    data: Iterable[Any] | None = None,
-    max_batches: int | None = None,
-    device: str | torch.device = "cpu",
+    **options: Any,
 ) -> nn.Module:
     """A copy of ``model_b`` with its hidden units permuted to line up with ``to``'s.
 
     The copy computes exactly the same function as ``model_b``; only the order of its
-    hidden units changes. ``method`` is ``"weight_matching"`` (:func:`weight_matching`:
-    ``max_passes``, ``seed``) or ``"activation_matching"`` (:func:`activation_matching` on
-    the batches of ``data``, at most ``max_batches``).
+    hidden units changes. ``method`` names a registered method (:func:`list_methods`):
+    ``"weight_matching"`` (options ``max_passes``, ``seed``; see :func:`weight_matching`) or
+    ``"activation_matching"`` (options ``data``, a loader of input batches, and
+    ``max_batches``, ``device``; see :func:`activation_matching`).
     """
-    if method not in _METHODS:
-        raise ConfigError(f"unknown alignment method {method!r}; choose one of {list(_METHODS)}")
-    state_a, state_b = to.state_dict(), model_b.state_dict()
-    check_same_architecture(state_a, state_b)
+    fn = ALIGNERS.get(method)
+    check_options(f"alignment method {method!r}", fn, options, fixed=("spec", "model_a", "model_b"))
+    check_same_architecture(to.state_dict(), model_b.state_dict())
     spec = spec if spec is not None else permutation_spec(model_b)
-    if method == "activation_matching":
-        if data is None:
-            raise ConfigError("activation matching needs data=: a loader of batches of the models' inputs")
-        matching = activation_matching(spec, to, model_b, data, max_batches=max_batches, device=device)
-    else:
-        matching = weight_matching(spec, state_a, state_b, max_passes=max_passes, seed=seed)
+    matching = fn(spec, to, model_b, **options)
     return apply_permutation(model_b, spec, matching.perms)
