@@ -50,6 +50,11 @@ def _block(t: torch.Tensor, ref: AxisRef, size: int) -> torch.Tensor:
     return t.reshape(size, -1)
 
 
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
 def weight_matching(
     spec: PermutationSpec,
     state_a: Mapping[str, torch.Tensor],
@@ -71,8 +76,9 @@ def weight_matching(
     axes_of = spec.param_axes()
     perms = {name: torch.arange(g.size) for name, g in spec.groups.items()}
     names = list(spec.groups)
-    a64 = {k: state_a[k].detach().to(torch.float64) for k in axes_of}
-    b64 = {k: state_b[k].detach().to(torch.float64) for k in axes_of}
+    # float32 products (float64 copies of a large model would double its memory), float64 sums
+    wa = {k: _as_float(state_a[k]) for k in axes_of}
+    wb_all = {k: _as_float(state_b[k]) for k in axes_of}
     rng = np.random.default_rng(seed)
     converged = False
     passes = 0
@@ -85,8 +91,8 @@ def weight_matching(
             cost = torch.zeros(g.size, g.size, dtype=torch.float64)
             for ref in g.axes:
                 others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref]
-                wb = permute_tensor(b64[ref.name], others)
-                cost += _block(a64[ref.name], ref, g.size) @ _block(wb, ref, g.size).T
+                wb = permute_tensor(wb_all[ref.name], others)
+                cost += (_block(wa[ref.name], ref, g.size) @ _block(wb, ref, g.size).T).to(torch.float64)
             rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
             old_score = cost[torch.arange(g.size), perms[name]].sum().item()
