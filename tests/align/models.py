@@ -71,3 +71,37 @@ class Outer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(self.fc(x))
+
+
+class TinyEncoder(nn.Module):
+    """Tokens -> Linear embedding + learned positions -> 2 encoder layers + LayerNorm -> mean over tokens -> head."""
+
+    def __init__(self, tokens: int = 5, features: int = 3, d: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, d)
+        self.pos = nn.Parameter(torch.randn(tokens, d))
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers=2, norm=nn.LayerNorm(d), enable_nested_tensor=False
+        )
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(x) + self.pos)
+        return self.head(h.mean(dim=1))
+
+
+class AttentionBlock(nn.Module):
+    """A residual multi-head attention block used directly, then the class token."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h[:, 0])

@@ -21,7 +21,9 @@ def test_recovers_a_planted_permutation(name: str, kwargs: dict) -> None:
     planted = {g: torch.randperm(grp.size, generator=gen) for g, grp in spec.groups.items()}
     b = apply_permutation(a, spec, planted)
     data = [(torch.randn(64, 1, 8, 8), torch.zeros(64)) for _ in range(3)]
+    b.train()
     m = activation_matching(spec, a, b, data)
+    assert b.training  # the caller's modules keep their mode
     for g, p in planted.items():  # identical units correlate perfectly: the inverse is found
         assert torch.equal(m.perms[g], torch.argsort(p)), g
     aligned = align(b, to=a, method="activation_matching", data=data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +153,8 @@ def activation_matching(
     summed over those nodes, then ``max_P sum_i C[i, P(i)]`` with ``linear_sum_assignment``.
     """
     check_same_architecture(model_a.state_dict(), model_b.state_dict())
-    gms = [trace(m).to(device).eval() for m in (model_a, model_b)]
+    # copies: running them in eval mode on ``device`` must not change the caller's modules
+    gms = [trace(copy.deepcopy(m)).to(device).eval() for m in (model_a, model_b)]
     taps = {name: g.producers for name, g in spec.groups.items()}
     keep = {t for ts in taps.values() for t in ts}
     stats: dict[str, list[torch.Tensor]] = {}

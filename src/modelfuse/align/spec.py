@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from modelfuse.errors import AlignmentError
 
@@ -226,6 +227,7 @@ class _Builder:
         self.feat: dict[str, _Feat | None] = {}
         self.ndim: dict[str, int | None] = {}
         self.tensor: dict[str, bool] = {}
+        self.tuples: dict[str, tuple[_Feat | None, ...]] = {}  # modules returning tuples (attention)
 
     # -- union-find --------------------------------------------------------------------------
     def new_group(self, size: int, label: str) -> int:
@@ -279,12 +281,17 @@ class _Builder:
                 for arg in _node_args(node):
                     self.fix(self.feat.get(arg.name), node.name, "reaches the model's output")
                 continue
+            meta = node.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "shape"):  # known from an example input
+                self.ndim[node.name] = len(meta.shape)
             feat, ndim, is_tensor = self.visit(node)
+            if meta is not None and hasattr(meta, "shape"):
+                ndim = len(meta.shape)
             self.feat[node.name], self.ndim[node.name], self.tensor[node.name] = feat, ndim, is_tensor
 
     def visit(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
         if node.op == "placeholder":
-            return None, None, True  # the model's input: fixed by construction
+            return None, self.ndim.get(node.name), True  # the model's input: fixed by construction
         if node.op == "get_attr":
             return None, None, True
         x = node.args[0] if node.args else None
@@ -306,8 +313,20 @@ class _Builder:
                 return self.cat(node)
             if fn is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
                 return None, None, False
+            if fn is operator.getitem and isinstance(x, fx.Node) and x.name in self.tuples:
+                parts = self.tuples[x.name]
+                i = node.args[1]
+                return (
+                    (parts[i], xd, True)
+                    if isinstance(i, int) and -len(parts) <= i < len(parts)
+                    else (None, None, True)
+                )
             if fn is operator.getitem and isinstance(x, fx.Node) and not self.tensor.get(x.name, True):
                 return None, None, False  # indexing a shape
+            if fn is operator.getitem:
+                return self.index(node, xf, xd, node.args[1])
+            if fn in (torch.mean, torch.sum, torch.amax, torch.amin):
+                return self.reduce(node, xf, xd)
         if node.op == "call_method":
             m = str(node.target)
             if m in _SHAPE_METHODS:
@@ -316,6 +335,8 @@ class _Builder:
                 return self.only_first(node, xf, xd)
             if m in _BINARY_METHODS:
                 return self.binary(node)
+            if m in ("mean", "sum", "amax", "amin"):
+                return self.reduce(node, xf, xd)
             if m == "flatten":
                 return self.flatten(node, xf, xd, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
             if m in ("view", "reshape"):
@@ -389,7 +410,121 @@ class _Builder:
                 return self.unknown(node, "LayerNorm over more than the permuted feature axis")
             self.norm_axes(name, mod, xf, ("weight", "bias"))
             return xf, xd, True
+        if isinstance(mod, nn.Embedding):
+            g = self.new_group(mod.embedding_dim, name)
+            self.add_axis(g, AxisRef(f"{name}.weight", 1))
+            return _Feat(((g, mod.embedding_dim),), "last"), None if xd is None else xd + 1, True
+        if isinstance(mod, nn.MultiheadAttention):
+            return self.attention(node, name, mod)
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            return self.encoder_layer(node, name, mod, xf, xd)
+        if isinstance(mod, nn.TransformerEncoder):
+            for i, layer in enumerate(mod.layers):
+                xf, xd, _ = self.encoder_layer(node, f"{name}.layers.{i}", layer, xf, xd)
+            if mod.norm is not None and xf is not None:
+                if not isinstance(mod.norm, nn.LayerNorm):
+                    return self.unknown(node, f"a final norm {type(mod.norm).__name__}")
+                self.norm_axes(f"{name}.norm", mod.norm, xf, ("weight", "bias"))
+            return xf, xd, True
         return self.unknown(node, f"module {type(mod).__name__} is not understood by permutation tracing")
+
+    def stream_axes(self, xf: _Feat, refs: Iterable[tuple[str, int]]) -> None:
+        """Tie (entry, axis) pairs to the groups of a residual stream ``xf``, segment by segment."""
+        for entry, axis in refs:
+            off = 0
+            for g, n in xf.segments:
+                self.add_axis(g, AxisRef(entry, axis, off))
+                off += n
+
+    def attention(
+        self, node: fx.Node, name: str, mod: nn.MultiheadAttention
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """Multi-head attention: its inputs share the in-projection's input axis; its output starts a group.
+
+        The units inside each head (query/key and value dimensions) stay in place.
+        """
+        q, k, v = (_arg(node, i, key, None) for i, key in enumerate(("query", "key", "value")))
+        feats = [self.feat.get(t.name) if isinstance(t, fx.Node) else None for t in (q, k, v)]
+        ok = mod._qkv_same_embed_dim and mod.in_proj_weight is not None
+        if not ok or any(f is not None and (f.layout != "last" or f.repeat != 1) for f in feats):
+            self.unknown(node, "attention with separate query/key/value projections or unusual inputs")
+            self.tuples[node.name] = (None, None)
+            return None, None, False
+        for f in feats:
+            if f is not None:
+                self.stream_axes(f, [(f"{name}.in_proj_weight", 1)])
+        if mod.bias_k is not None or mod.bias_v is not None:
+            self.fix(feats[0], node.name, "attention with bias_k/bias_v")
+        g = self.new_group(mod.embed_dim, name)
+        self.add_axis(g, AxisRef(f"{name}.out_proj.weight", 0))
+        if mod.out_proj.bias is not None:
+            self.add_axis(g, AxisRef(f"{name}.out_proj.bias", 0))
+        self.tuples[node.name] = (_Feat(((g, mod.embed_dim),), "last"), None)
+        return None, None, False
+
+    def encoder_layer(
+        self, node: fx.Node, name: str, mod: nn.Module, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """A TransformerEncoderLayer: the residual stream keeps its groups through both sublayers.
+
+        The stream's groups gain the attention's input and output axes, both LayerNorms and
+        the feed-forward's input and output axes; the feed-forward's hidden units form a group.
+        """
+        if not isinstance(mod, nn.TransformerEncoderLayer) or not mod.self_attn._qkv_same_embed_dim:
+            return self.unknown(node, "an encoder layer with separate query/key/value projections")
+        d = mod.self_attn.embed_dim
+        if xf is None:  # the stream comes from an unpermutable input: the stream stays fixed
+            xf = _Feat(((self.new_group(d, name), d),), "last")
+            self.fix(xf, node.name, "the encoder's input cannot be permuted")
+        if xf.layout != "last" or xf.repeat != 1 or xf.total != d:
+            return self.unknown(node, "an encoder layer over an axis other than the permuted features")
+        refs = [(f"{name}.self_attn.in_proj_weight", 1), (f"{name}.self_attn.out_proj.weight", 0)]
+        refs += [(f"{name}.linear1.weight", 1), (f"{name}.linear2.weight", 0)]
+        refs += [(f"{name}.self_attn.out_proj.bias", 0), (f"{name}.linear2.bias", 0)]
+        refs += [(f"{name}.{n}.{a}", 0) for n in ("norm1", "norm2") for a in ("weight", "bias")]
+        state = dict(mod.named_parameters())
+        prefix = f"{name}."
+        self.stream_axes(xf, [(e, a) for e, a in refs if e.removeprefix(prefix) in state])
+        hidden = self.new_group(mod.linear1.out_features, f"{name}.linear1")
+        self.add_axis(hidden, AxisRef(f"{name}.linear1.weight", 0))
+        if mod.linear1.bias is not None:
+            self.add_axis(hidden, AxisRef(f"{name}.linear1.bias", 0))
+        self.add_axis(hidden, AxisRef(f"{name}.linear2.weight", 1))
+        return xf, xd, True
+
+    def reduce(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """A mean/sum/max over axes other than the features keeps them (pooling over tokens or space)."""
+        dim = _arg(node, 1, "dim", None)
+        keep = bool(_arg(node, 2, "keepdim", False))
+        if xf is None:
+            return None, None, True
+        if dim is None or xd is None:
+            return self.unknown(
+                node,
+                "a reduction whose axes cannot be told apart from the features "
+                "(pass example_input= to permutation_spec so that ranks are known)",
+            )
+        dims = {d % xd for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+        feature = 1 if xf.layout == "channel" else xd - 1
+        if feature in dims or 0 in dims:
+            return self.unknown(node, f"reduces over the feature axis or the batch (dim={dim})")
+        nd = xd if keep else xd - len(dims)
+        layout = "last" if xf.layout == "last" or nd == 2 else "channel"  # channels stay at axis 1
+        return _Feat(xf.segments, layout, xf.repeat), nd, True
+
+    def index(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None, idx: Any
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """``x[:, 0]`` (a class token) and the like: integer or full-slice indices before the features."""
+        if xf is None:
+            return None, None, True
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        plain = all(isinstance(i, int) or i == slice(None) for i in idx)
+        if not plain or xd is None or xf.layout != "last" or len(idx) >= xd or isinstance(idx[0], int):
+            return self.unknown(node, "indexes into the features, or with indices it cannot follow")
+        return xf, xd - sum(isinstance(i, int) for i in idx), True
 
     def layer(
         self,
@@ -448,6 +583,11 @@ class _Builder:
             )
         feats = [self.feat.get(a.name) for a in tensors]
         ndims = [self.ndim.get(a.name) for a in tensors]
+        known = [f for f in feats if f is not None]
+        params = [a for a, f in zip(tensors, feats, strict=True) if f is None and a.op == "get_attr"]
+        if known and len(params) + len(known) == len(tensors) and self.tie_params(params, known[0]):
+            tensors = [a for a in tensors if a.op != "get_attr"]
+            feats, ndims = [self.feat.get(a.name) for a in tensors], [self.ndim.get(a.name) for a in tensors]
         ndim = next((d for d in ndims if d is not None), None)
         if any(f is None for f in feats):
             return self.unknown(node, "combines permuted features with a tensor that cannot be permuted")
@@ -465,6 +605,19 @@ class _Builder:
             for (ga, _), (gb, _) in zip(first.segments, other.segments, strict=True):
                 self.union(ga, gb, node.name)
         return first, ndim, True
+
+    def tie_params(self, params: list[fx.Node], xf: _Feat) -> bool:
+        """Parameters added to a Linear output (a learned positional embedding) join its groups on their last axis."""
+        state = self.gm.state_dict()
+        if xf.layout != "last" or xf.repeat != 1:
+            return False
+        for p in params:
+            t = state.get(str(p.target))
+            if t is None or t.dim() == 0 or t.shape[-1] != xf.total:
+                return False
+        for p in params:
+            self.stream_axes(xf, [(str(p.target), state[str(p.target)].dim() - 1)])
+        return True
 
     def cat(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
         parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -548,13 +701,29 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def permutation_spec(model: nn.Module) -> PermutationSpec:
+def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
     """The permutation groups of ``model``'s weights, derived by tracing it with torch.fx.
 
-    Raises :class:`AlignmentError` naming the module where tracing failed if ``model``
-    cannot be traced.
+    ``example_input`` (a batch) lets the walk know every value's rank, which reductions
+    and indexing over tokens need (``x.mean(1)``, ``x[:, 0]``). Raises
+    :class:`AlignmentError` naming the module where tracing failed if ``model`` cannot be
+    traced.
     """
     gm = trace(model)
+    if example_input is not None:
+        modes = [(m, m.training) for m in gm.modules()]
+        gm.eval()  # the traced modules are model's own: running BatchNorm in train mode would move its statistics
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        except Exception as exc:
+            raise AlignmentError(
+                f"example_input of shape {tuple(example_input.shape)} does not fit {type(model).__name__}: "
+                f"{type(exc).__name__}: {exc}; give a batch of the model's inputs"
+            ) from exc
+        finally:
+            for m, mode in modes:
+                m.training = mode
     builder = _Builder(gm)
     builder.run()
     spec = builder.spec(type(model).__name__)
