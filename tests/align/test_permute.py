@@ -60,7 +60,8 @@ def test_zoo_models_compute_the_same_function(name: str, shape: tuple[int, ...],
     _check_same_function(model, torch.randn(4, *shape))
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+# beyond the list: depthwise convolutions, squeeze-excitation products, stochastic depth
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16", "mobilenet_v3_small", "efficientnet_b0"])
 def test_torchvision_models_compute_the_same_function(arch: str) -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None)

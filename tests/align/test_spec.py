@@ -93,3 +93,12 @@ def test_torchvision_vgg16_flatten_repeat() -> None:
     spec = permutation_spec(torchvision.models.vgg16(weights=None))
     assert len(spec.groups) == 13 + 2
     assert AxisRef("classifier.0.weight", 1, 0, 49) in spec.groups["features.28"].axes
+
+
+def test_depthwise_convolution_keeps_the_channel_group() -> None:
+    spec = permutation_spec(torchvision.models.mobilenet_v2(weights=None))
+    [fixed] = spec.fixed
+    assert fixed.name == "classifier.1"
+    # the first block: a 3x3 depthwise conv on the stem's 32 channels, then a 1x1 projection
+    stem = set(spec.groups["features.0.0"].axes)
+    assert {AxisRef("features.1.conv.0.0.weight", 0), AxisRef("features.1.conv.1.weight", 1)} <= stem

@@ -202,12 +202,15 @@ _POOL_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }  # fmt: skip
+_PASS_NAMES = {  # elementwise functions of optional libraries, known by name so as not to import them
+    "torchvision.ops.stochastic_depth.stochastic_depth",  # per-example scaling (identity in eval)
+}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "relu_", "float", "to"}
 _BINARY = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.maximum, torch.minimum,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
 }  # fmt: skip
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _SHAPE_METHODS = {"size", "dim"}
 _NORM_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -301,7 +304,7 @@ class _Builder:
             return self.visit_module(node, self.modules[str(node.target)], xf, xd)
         if node.op == "call_function":
             fn = node.target
-            if fn in _PASS_FUNCTIONS:
+            if fn in _PASS_FUNCTIONS or _qualname(fn) in _PASS_NAMES:
                 return self.only_first(node, xf, xd)
             if fn in _POOL_FUNCTIONS:
                 return self.pool(node, xf, xd)
@@ -390,6 +393,8 @@ class _Builder:
             return self.layer(name, mod, xf, mod.out_features, "last", xd, repeat)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(mod)]
+            if mod.groups != 1 and mod.groups == mod.in_channels == mod.out_channels:
+                return self.depthwise(node, name, mod, xf, dims)
             if mod.groups != 1:
                 return self.unknown(node, f"a grouped convolution (groups={mod.groups})")
             if xf is not None and (xf.layout != "channel" or xf.repeat != 1 or xf.total != mod.in_channels):
@@ -427,6 +432,20 @@ class _Builder:
                 self.norm_axes(f"{name}.norm", mod.norm, xf, ("weight", "bias"))
             return xf, xd, True
         return self.unknown(node, f"module {type(mod).__name__} is not understood by permutation tracing")
+
+    def depthwise(
+        self, node: fx.Node, name: str, mod: nn.Module, xf: _Feat | None, ndim: int
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """A depthwise convolution maps channel c to channel c: its output keeps the input's groups."""
+        if xf is None:
+            return None, ndim, True
+        if xf.layout != "channel" or xf.repeat != 1:
+            return self.unknown(node, "a depthwise convolution over an input that is not a channel-first map")
+        entries = [(f"{name}.weight", 0)] + (
+            [(f"{name}.bias", 0)] if getattr(mod, "bias", None) is not None else []
+        )
+        self.stream_axes(xf, entries)
+        return xf, ndim, True
 
     def stream_axes(self, xf: _Feat, refs: Iterable[tuple[str, int]]) -> None:
         """Tie (entry, axis) pairs to the groups of a residual stream ``xf``, segment by segment."""
@@ -694,6 +713,10 @@ def _arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(key, default)
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
 
 
 def _target_name(node: fx.Node) -> str:
