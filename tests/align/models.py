@@ -105,3 +105,16 @@ class AttentionBlock(nn.Module):
         h = self.embed(x)
         h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
         return self.head(h[:, 0])
+
+
+class BagOfEmbeddings(nn.Module):
+    """Token ids -> embedding -> Linear -> ReLU -> mean over tokens -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(ids))).mean(1))

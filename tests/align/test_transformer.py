@@ -8,7 +8,7 @@ import torch
 from modelfuse import zoo
 from modelfuse.align import AxisRef, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError
-from tests.align.models import AttentionBlock, TinyEncoder
+from tests.align.models import AttentionBlock, BagOfEmbeddings, TinyEncoder
 
 
 def test_encoder_spec_by_hand() -> None:
@@ -68,3 +68,22 @@ def test_example_input_leaves_the_model_untouched() -> None:
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_embedding_columns_form_a_group() -> None:
+    torch.manual_seed(0)
+    model = BagOfEmbeddings().eval()
+    ids = torch.randint(0, 11, (4, 7))
+    spec = permutation_spec(model, example_input=ids)
+    assert set(spec.groups["emb"].axes) == {AxisRef("emb.weight", 1), AxisRef("fc.weight", 1)}
+    assert set(spec.groups["fc"].axes) == {
+        AxisRef("fc.weight", 0),
+        AxisRef("fc.bias", 0),
+        AxisRef("head.weight", 1),
+    }
+    gen = torch.Generator().manual_seed(2)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            apply_permutation(model, spec, perms)(ids), model(ids), atol=1e-6, rtol=1e-6
+        )
