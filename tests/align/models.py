@@ -118,3 +118,17 @@ class BagOfEmbeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.fc(self.emb(ids))).mean(1))
+
+
+class TiedEmbeddings(nn.Module):
+    """A language-model-like head whose output weight is the embedding (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(ids))))

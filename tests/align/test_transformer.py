@@ -8,7 +8,7 @@ import torch
 from modelfuse import zoo
 from modelfuse.align import AxisRef, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError
-from tests.align.models import AttentionBlock, BagOfEmbeddings, TinyEncoder
+from tests.align.models import AttentionBlock, BagOfEmbeddings, TiedEmbeddings, TinyEncoder
 
 
 def test_encoder_spec_by_hand() -> None:
@@ -82,6 +82,23 @@ def test_embedding_columns_form_a_group() -> None:
         AxisRef("head.weight", 1),
     }
     gen = torch.Generator().manual_seed(2)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            apply_permutation(model, spec, perms)(ids), model(ids), atol=1e-6, rtol=1e-6
+        )
+
+
+def test_tied_weights_move_together() -> None:
+    torch.manual_seed(0)
+    model = TiedEmbeddings().eval()
+    ids = torch.randint(0, 9, (3, 4))
+    spec = permutation_spec(model)
+    # emb.weight axis 1 (embedding columns) and head.weight axis 1 (the head's inputs, fc's outputs)
+    # are one tensor: fc's output group and the embedding group become one
+    merged = next(g for g in spec.groups.values() if AxisRef("emb.weight", 1) in g.axes)
+    assert {AxisRef("head.weight", 1), AxisRef("fc.weight", 0), AxisRef("fc.weight", 1)} <= set(merged.axes)
+    gen = torch.Generator().manual_seed(1)
     perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
     with torch.no_grad():
         torch.testing.assert_close(

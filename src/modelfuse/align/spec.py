@@ -676,6 +676,29 @@ class _Builder:
                 self.union(ga, gb, node.name)
         return first, ndim, True
 
+    def tie_aliases(self, model: nn.Module) -> None:
+        """Entries that are one tensor under two names (tied weights) must move together."""
+        by_tensor: dict[int, list[str]] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            by_tensor.setdefault(id(t), []).append(name)
+        for names in (n for n in by_tensor.values() if len(n) > 1):
+            placed = {
+                n: {(r.axis, r.start, r.repeat): g for r, g in self.axis_owner.items() if r.name == n}
+                for n in names
+            }
+            keys = set().union(*(set(p) for p in placed.values()))
+            for key in keys:
+                owners = [p.get(key) for p in placed.values()]
+                if any(o is None for o in owners):
+                    for o in owners:
+                        if o is not None:
+                            self.fix_group(
+                                o, names[0], f"tied to {' and '.join(names)}, which move differently"
+                            )
+                    continue
+                for o in owners[1:]:
+                    self.union(owners[0], o, names[0])
+
     # -- result ------------------------------------------------------------------------------
     def spec(self, model_name: str) -> PermutationSpec:
         roots = sorted({self.find(g) for g in range(len(self.parent))})
@@ -749,15 +772,18 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
                 m.training = mode
     builder = _Builder(gm)
     builder.run()
+    builder.tie_aliases(model)
     spec = builder.spec(type(model).__name__)
     state = model.state_dict()
-    for g in spec.groups.values():  # a sanity check of the walk against the real tensors
+    for g in spec.groups.values():  # a check of the walk against the real tensors
         for ax in g.axes:
             t = state.get(ax.name)
             if t is None or t.dim() <= ax.axis or t.shape[ax.axis] < ax.start + g.size * ax.repeat:
                 raise AlignmentError(
-                    f"internal: permutation group {g.name} names {_fmt_axis(ax)} of {g.size} units, but the "
-                    f"model's state dict has {None if t is None else tuple(t.shape)} there; please report this"
+                    f"permutation group {g.name} names {_fmt_axis(ax)} of {g.size} units, but the model's state "
+                    f"dict has {'no such entry' if t is None else tuple(t.shape)} there (a parametrized or "
+                    "re-registered weight?); give permutation_spec a model whose state dict holds its weights as "
+                    "the modules name them"
                 )
     return spec
 
