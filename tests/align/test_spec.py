@@ -71,6 +71,8 @@ def test_unknown_op_fixes_its_groups_and_explain_says_where() -> None:
     assert fixed["fc2"].node == "sort" and "sort" in fixed["fc2"].reason
     text = explain(SortNet())
     assert "fixed fc2 (6 units) at node 'sort'" in text
+    assert "fixed input fc1.weight axis 1: fed by the model's input 'x'" in text
+    assert "fixed input out.weight axis 1: fed by the output of node 'sort', where call_function sort" in text
 
 
 def test_untraceable_model_names_the_module() -> None:

@@ -85,6 +85,9 @@ class PermutationSpec:
     tap_layouts: dict[str, tuple[str, int, int]] = field(
         default_factory=dict
     )  # node -> (layout, offset, group size)
+    fixed_inputs: tuple[
+        tuple[AxisRef, str], ...
+    ] = ()  # input axes fed by values that cannot be permuted, and why
 
     def axes_of(self, name: str) -> list[tuple[str, AxisRef]]:
         """(group name, axis) pairs that permute the state-dict entry ``name``."""
@@ -107,6 +110,8 @@ class PermutationSpec:
         for f in self.fixed:
             lines.append(f"  fixed {f.name} ({f.size} units) at node {f.node!r}: {f.reason}")
             lines += [f"    {_fmt_axis(a)}" for a in f.axes]
+        for a, why in self.fixed_inputs:
+            lines.append(f"  fixed input {_fmt_axis(a)}: fed by {why}")
         return "\n".join(lines)
 
 
@@ -231,6 +236,8 @@ class _Builder:
         self.ndim: dict[str, int | None] = {}
         self.tensor: dict[str, bool] = {}
         self.tuples: dict[str, tuple[_Feat | None, ...]] = {}  # modules returning tuples (attention)
+        self.why: dict[str, str] = {}  # values that cannot be permuted -> why
+        self.fixed_inputs: list[tuple[AxisRef, str]] = []
 
     # -- union-find --------------------------------------------------------------------------
     def new_group(self, size: int, label: str) -> int:
@@ -290,6 +297,17 @@ class _Builder:
             feat, ndim, is_tensor = self.visit(node)
             if meta is not None and hasattr(meta, "shape"):
                 ndim = len(meta.shape)
+            if feat is None and is_tensor:  # remember why this value cannot be permuted
+                first = next(iter(_node_args(node)), None)
+                self.why[node.name] = self.why.get(node.name) or (
+                    f"the model's input {node.name!r}"
+                    if node.op == "placeholder"
+                    else f"the constant {node.target!r}"
+                    if node.op == "get_attr"
+                    else self.why.get(first.name, f"node {node.name!r}")
+                    if first is not None
+                    else f"node {node.name!r}"
+                )
             self.feat[node.name], self.ndim[node.name], self.tensor[node.name] = feat, ndim, is_tensor
 
     def visit(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
@@ -351,6 +369,12 @@ class _Builder:
         return self.unknown(node, f"{node.op} {_target_name(node)} is not understood by permutation tracing")
 
     def unknown(self, node: fx.Node, reason: str) -> tuple[_Feat | None, int | None, bool]:
+        args = _node_args(node)
+        upstream = [self.why[a.name] for a in args if a.name in self.why]
+        if upstream and all(self.feat.get(a.name) is None for a in args):  # the cause lies further up
+            self.why[node.name] = upstream[0]
+        else:
+            self.why[node.name] = f"the output of node {node.name!r}, where {reason}"
         for arg in _node_args(node):
             self.fix(self.feat.get(arg.name), node.name, reason)
         return None, None, True
@@ -390,6 +414,7 @@ class _Builder:
                     return self.unknown(
                         node, f"in_features {mod.in_features} do not match {xf.total} units in"
                     )
+            self.note_fixed_input(node, name, xf)
             return self.layer(name, mod, xf, mod.out_features, "last", xd, repeat)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             dims = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(mod)]
@@ -399,6 +424,7 @@ class _Builder:
                 return self.unknown(node, f"a grouped convolution (groups={mod.groups})")
             if xf is not None and (xf.layout != "channel" or xf.repeat != 1 or xf.total != mod.in_channels):
                 return self.unknown(node, "a convolution over an input that is not a channel-first map")
+            self.note_fixed_input(node, name, xf)
             return self.layer(name, mod, xf, mod.out_channels, "channel", dims, 1)
         if isinstance(mod, _NORM_BN):
             if xf is None:
@@ -544,6 +570,11 @@ class _Builder:
         if not plain or xd is None or xf.layout != "last" or len(idx) >= xd or isinstance(idx[0], int):
             return self.unknown(node, "indexes into the features, or with indices it cannot follow")
         return xf, xd - sum(isinstance(i, int) for i in idx), True
+
+    def note_fixed_input(self, node: fx.Node, name: str, xf: _Feat | None) -> None:
+        x = node.args[0] if node.args else None
+        if xf is None and isinstance(x, fx.Node):
+            self.fixed_inputs.append((AxisRef(f"{name}.weight", 1), self.why.get(x.name, f"node {x.name!r}")))
 
     def layer(
         self,
@@ -723,7 +754,7 @@ class _Builder:
                 fixed.append(FixedGroup(name, self.size[r], axes, node, reason))
             else:
                 groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())))
-        return PermutationSpec(groups, tuple(fixed), model_name, taps)
+        return PermutationSpec(groups, tuple(fixed), model_name, taps, tuple(self.fixed_inputs))
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
