@@ -81,6 +81,7 @@ def weight_matching(
     wa = {k: _as_float(state_a[k]) for k in axes_of}
     wb_all = {k: _as_float(state_b[k]) for k in axes_of}
     rng = np.random.default_rng(seed)
+    moved: set[str] = set()
     converged = False
     passes = 0
     while passes < max_passes and not converged:
@@ -91,7 +92,7 @@ def weight_matching(
             g = spec.groups[name]
             cost = torch.zeros(g.size, g.size, dtype=torch.float64)
             for ref in g.axes:
-                others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref]
+                others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref and gn in moved]
                 wb = permute_tensor(wb_all[ref.name], others)
                 cost += (_block(wa[ref.name], ref, g.size) @ _block(wb, ref, g.size).T).to(torch.float64)
             rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
@@ -100,6 +101,7 @@ def weight_matching(
             new_score = cost[torch.arange(g.size), new].sum().item()
             if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
                 perms[name] = new
+                moved.add(name)  # identity permutations need not be applied
                 converged = False
     return Matching(perms, passes, converged)
 
