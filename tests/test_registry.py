@@ -55,6 +55,7 @@ VOCABULARY = [
     ("modelfuse.structure", "adapter", "adapters", "conv1x1"),
     ("modelfuse.data", "dataset", "datasets", "digits"),
     ("modelfuse.zoo", "model", "models", "cnn"),
+    ("modelfuse.align", "aligner", "aligners", "weight_matching"),
 ]
 
 

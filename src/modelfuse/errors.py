@@ -57,3 +57,7 @@ class StructureError(FusionError):
 
 class FeatureError(FusionError):
     """Backbone features cannot be tapped, aligned or fused as asked (no such tap, shapes that do not fit)."""
+
+
+class AlignmentError(FusionError):
+    """Two networks cannot be aligned as asked (different architectures, an untraceable model, bad permutations)."""

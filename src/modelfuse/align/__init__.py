@@ -1,5 +1,51 @@
-"""Alignment of models before fusion (``modelfuse.align``), and the loss-barrier tool."""
+"""Permutation alignment: make independently trained networks mergeable (Git Re-Basin and kin).
+
+- ``permutation_spec(model)``: the groups of weight axes that share one permutation,
+  derived by tracing the model with torch.fx; ``explain(model)`` prints them.
+- ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
+- ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
+- ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
+"""
+
+from __future__ import annotations
 
 from modelfuse.align.barrier import BarrierResult, interpolate, loss_barrier
+from modelfuse.align.matching import (
+    Matching,
+    activation_matching,
+    align,
+    get_aligner,
+    list_aligners,
+    register_aligner,
+    weight_matching,
+)
+from modelfuse.align.permute import apply_permutation, permute_state_dict
+from modelfuse.align.spec import (
+    AxisRef,
+    FixedGroup,
+    PermutationGroup,
+    PermutationSpec,
+    explain,
+    permutation_spec,
+)
 
-__all__ = ["BarrierResult", "interpolate", "loss_barrier"]
+__all__ = [
+    "AxisRef",
+    "BarrierResult",
+    "FixedGroup",
+    "Matching",
+    "PermutationGroup",
+    "PermutationSpec",
+    "activation_matching",
+    "align",
+    "apply_permutation",
+    "explain",
+    "get_aligner",
+    "interpolate",
+    "list_aligners",
+    "loss_barrier",
+    "permutation_spec",
+    "permute_state_dict",
+    "register_aligner",
+    "weight_matching",
+]

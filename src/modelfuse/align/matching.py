@@ -1,0 +1,263 @@
+"""Finding the permutations that align one network to another, and ``align`` itself."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import fx, nn
+
+from modelfuse.align.permute import apply_permutation, permute_tensor
+from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec, trace
+from modelfuse.errors import AlignmentError, ConfigError
+from modelfuse.registry import Registry, check_options
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Permutations found for each group (``perms``), the passes taken, and whether they converged."""
+
+    perms: dict[str, torch.Tensor]
+    passes: int
+    converged: bool
+
+
+def check_same_architecture(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`AlignmentError` naming the first state-dict entry where ``a`` and ``b`` differ."""
+    for key in list(a) + [k for k in b if k not in a]:
+        ta, tb = a.get(key), b.get(key)
+        if ta is None or tb is None:
+            which = "the reference model (to=)" if ta is None else "the model to align"
+            raise AlignmentError(
+                f"models have different architectures: {key!r} is missing from {which}; "
+                "only networks of one architecture can be aligned"
+            )
+        if ta.shape != tb.shape:
+            raise AlignmentError(
+                f"models have different architectures: {key!r} has shape {tuple(tb.shape)} in the model to "
+                f"align but {tuple(ta.shape)} in the reference model (to=); only networks of one "
+                "architecture can be aligned"
+            )
+
+
+def _block(t: torch.Tensor, ref: AxisRef, size: int) -> torch.Tensor:
+    """The ``size`` units of ``ref`` as rows: (size, everything else)."""
+    t = t.narrow(ref.axis, ref.start, size * ref.repeat).movedim(ref.axis, 0)
+    return t.reshape(size, -1)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    *,
+    max_passes: int = 100,
+    seed: int = 0,
+) -> Matching:
+    """Permutations of ``state_b``'s units that maximise its inner product with ``state_a``.
+
+    Weight matching of Ainsworth et al. 2023 ("Git Re-Basin", Alg. 1): coordinate descent
+    over the groups in a random order, each step solving the linear assignment
+    ``max_P sum_i <W_a^(i), P W_b^(i) (other permutations applied)>`` over the group's axes
+    with ``scipy.optimize.linear_sum_assignment``, until a whole pass improves no group.
+    """
+    if max_passes < 1:
+        raise ConfigError(f"max_passes must be at least 1; found {max_passes}")
+    check_same_architecture(state_a, state_b)
+    axes_of = spec.param_axes()
+    perms = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+    names = list(spec.groups)
+    # float32 products (float64 copies of a large model would double its memory), float64 sums
+    wa = {k: _as_float(state_a[k]) for k in axes_of}
+    wb_all = {k: _as_float(state_b[k]) for k in axes_of}
+    rng = np.random.default_rng(seed)
+    moved: set[str] = set()
+    converged = False
+    passes = 0
+    while passes < max_passes and not converged:
+        passes += 1
+        converged = True
+        for gi in rng.permutation(len(names)):
+            name = names[gi]
+            g = spec.groups[name]
+            cost = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for ref in g.axes:
+                others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref and gn in moved]
+                wb = permute_tensor(wb_all[ref.name], others)
+                cost += (_block(wa[ref.name], ref, g.size) @ _block(wb, ref, g.size).T).to(torch.float64)
+            rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+            new = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+            old_score = cost[torch.arange(g.size), perms[name]].sum().item()
+            new_score = cost[torch.arange(g.size), new].sum().item()
+            if new_score > old_score + 1e-12 * max(1.0, abs(old_score)):
+                perms[name] = new
+                moved.add(name)  # identity permutations need not be applied
+                converged = False
+    return Matching(perms, passes, converged)
+
+
+class _Taps(fx.Interpreter):
+    """Runs a traced model and keeps the outputs of the nodes named in ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.seen[n.name] = out
+        return out
+
+
+def _units(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Activations as (samples, units): the feature axis last, everything else flattened."""
+    if layout == "channel" and t.dim() > 2:
+        t = t.movedim(1, -1)
+    return t.reshape(-1, t.shape[-1]).to(torch.float64)
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise AlignmentError(
+            f"activation matching needs batches that are tensors or (inputs, labels) pairs; found {type(batch).__name__}"
+        )
+    return batch
+
+
+def activation_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Matching:
+    """Permutations of ``model_b``'s units that maximise the correlation of its activations with ``model_a``'s.
+
+    Activation matching of Ainsworth et al. 2023 (Sec. 3.1): per group, the Pearson
+    correlation ``C[i, j] = corr(z_a[i], z_b[j])`` of the two models' units over every
+    sample (and spatial position) of ``data`` at every node that carries the group,
+    summed over those nodes, then ``max_P sum_i C[i, P(i)]`` with ``linear_sum_assignment``.
+    """
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    # copies: running them in eval mode on ``device`` must not change the caller's modules
+    gms = [trace(copy.deepcopy(m)).to(device).eval() for m in (model_a, model_b)]
+    taps = {name: g.producers for name, g in spec.groups.items()}
+    keep = {t for ts in taps.values() for t in ts}
+    stats: dict[str, list[torch.Tensor]] = {}
+    count: dict[str, int] = {}
+    seen_batches = 0
+    with torch.no_grad():
+        for batch in data:
+            if max_batches is not None and seen_batches >= max_batches:
+                break
+            x = _inputs_of(batch).to(device)
+            outs = []
+            for which, gm in zip(("reference (to=)", "to align"), gms, strict=True):
+                runner = _Taps(gm, keep)
+                try:
+                    runner.run(x)
+                except Exception as exc:
+                    raise AlignmentError(
+                        f"a batch of shape {tuple(x.shape)} does not fit the model {which}: "
+                        f"{type(exc).__name__}: {exc}; give activation matching batches of the model's inputs"
+                    ) from exc
+                outs.append(runner.seen)
+            seen_batches += 1
+            for tap in keep:
+                za = _units(outs[0][tap], spec.tap_layouts[tap][0])
+                zb = _units(outs[1][tap], spec.tap_layouts[tap][0])
+                s = stats.setdefault(tap, [torch.zeros(0)] * 5)
+                parts = [za.sum(0), zb.sum(0), za.T @ zb, (za * za).sum(0), (zb * zb).sum(0)]
+                stats[tap] = [p if o.numel() == 0 else o + p for o, p in zip(s, parts, strict=True)]
+                count[tap] = count.get(tap, 0) + za.shape[0]
+    if seen_batches == 0:
+        raise AlignmentError("activation matching got no batches; give it a non-empty data loader")
+    perms: dict[str, torch.Tensor] = {}
+    for name, g in spec.groups.items():
+        corr = torch.zeros(g.size, g.size, dtype=torch.float64)
+        for tap in taps[name]:
+            sa, sb, sab, saa, sbb = stats[tap]
+            n = count[tap]
+            ma, mb = sa / n, sb / n
+            cov = sab / n - ma[:, None] * mb[None, :]
+            std_a = (saa / n - ma**2).clamp_min(0).sqrt()
+            std_b = (sbb / n - mb**2).clamp_min(0).sqrt()
+            corr += cov / (std_a[:, None] * std_b[None, :] + 1e-12)
+        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+        perms[name] = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    return Matching(perms, 1, True)
+
+
+_ALIGNERS: Registry[Callable[..., Matching]] = Registry("alignment method")
+
+
+def register_aligner(name: str) -> Callable[[Callable[..., Matching]], Callable[..., Matching]]:
+    """Register ``fn(spec, model_a, model_b, **options) -> Matching`` as alignment method ``name``
+    (what ``align(..., method=name)`` runs)."""
+
+    def decorator(fn: Callable[..., Matching]) -> Callable[..., Matching]:
+        _ALIGNERS.register(name, fn)
+        return fn
+
+    return decorator
+
+
+def get_aligner(name: str) -> Callable[..., Matching]:
+    """The alignment method registered as ``name``; an unknown name raises RegistryError listing close names."""
+    return _ALIGNERS.get(name)
+
+
+def list_aligners(pattern: str = "*") -> list[str]:
+    """Names of the registered alignment methods (``"weight_matching"``, ``"activation_matching"``)."""
+    return _ALIGNERS.names(pattern)
+
+
+@register_aligner("weight_matching")
+def _weight_matching(
+    spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, *, max_passes: int = 100, seed: int = 0
+) -> Matching:
+    """:func:`weight_matching` on two modules' state dicts."""
+    return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), max_passes=max_passes, seed=seed)
+
+
+register_aligner("activation_matching")(activation_matching)
+
+
+def align(
+    model_b: nn.Module,
+    *,
+    to: nn.Module,
+    method: str = "weight_matching",
+    spec: PermutationSpec | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A copy of ``model_b`` with its hidden units permuted to line up with ``to``'s.
+
+    The copy computes exactly the same function as ``model_b``; only the order of its
+    hidden units changes. ``method`` names a registered method (:func:`list_aligners`):
+    ``"weight_matching"`` (options ``max_passes``, ``seed``; see :func:`weight_matching`) or
+    ``"activation_matching"`` (options ``data``, a loader of input batches, and
+    ``max_batches``, ``device``; see :func:`activation_matching`).
+    """
+    fn = get_aligner(method)
+    check_options(f"alignment method {method!r}", fn, options, fixed=("spec", "model_a", "model_b"))
+    check_same_architecture(to.state_dict(), model_b.state_dict())
+    spec = spec if spec is not None else permutation_spec(model_b)
+    matching = fn(spec, to, model_b, **options)
+    return apply_permutation(model_b, spec, matching.perms)

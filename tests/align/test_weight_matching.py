@@ -1,0 +1,112 @@
+"""Weight matching (Git Re-Basin) against planted permutations and a brute-force optimum."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from modelfuse import zoo
+from modelfuse.align import align, apply_permutation, permutation_spec, weight_matching
+from modelfuse.errors import AlignmentError, ConfigError, RegistryError
+
+
+def _planted(model: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    spec = permutation_spec(model)
+    gen = torch.Generator().manual_seed(seed)
+    planted = {name: torch.randperm(g.size, generator=gen) for name, g in spec.groups.items()}
+    return apply_permutation(model, spec, planted), planted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recovers_a_planted_mlp_permutation_exactly(seed: int) -> None:
+    torch.manual_seed(seed)
+    a = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(512, 512))
+    b, planted = _planted(a, seed + 100)
+    spec = permutation_spec(b)
+    m = weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed)
+    assert m.converged and m.passes <= 30
+    # b's unit i is a's unit planted[i]; undoing it takes the inverse permutation
+    for name, p in planted.items():
+        assert torch.equal(m.perms[name], torch.argsort(p)), name
+    aligned = align(b, to=a, seed=seed)
+    for key, t in a.state_dict().items():
+        assert torch.equal(aligned.state_dict()[key], t), key
+    # loss barrier on the straight line from a to aligned b: zero, as every point is a itself
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    sa, sb = a.state_dict(), aligned.state_dict()
+    loss = torch.nn.functional.cross_entropy
+    probe = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(512, 512)).eval()
+    losses = []
+    for lam in torch.linspace(0, 1, 5).tolist():
+        probe.load_state_dict({k: (1 - lam) * sa[k] + lam * sb[k] for k in sa})
+        with torch.no_grad():
+            losses.append(loss(probe(x), y).item())
+    assert max(losses) - (losses[0] + losses[-1]) / 2 == pytest.approx(0.0, abs=1e-6)
+
+
+def test_recovers_a_planted_permutation_in_a_cnn_with_batchnorm_and_a_resnet() -> None:
+    torch.manual_seed(0)
+    for a in (
+        zoo.create_model("cnn", input_shape=(1, 8, 8), num_classes=10, batch_norm=True),
+        zoo.create_model("resnet_small", input_shape=(1, 8, 8), num_classes=10),
+    ):
+        b, planted = _planted(a, 7)
+        m = weight_matching(permutation_spec(b), a.state_dict(), b.state_dict())
+        for name, p in planted.items():
+            assert torch.equal(m.perms[name], torch.argsort(p)), name
+
+
+def test_single_group_matches_the_brute_force_optimum() -> None:
+    torch.manual_seed(3)
+    a = zoo.create_model("mlp", input_shape=(1, 2, 2), num_classes=3, hidden=(5,))
+    b = zoo.create_model("mlp", input_shape=(1, 2, 2), num_classes=3, hidden=(5,))
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def score(
+        p: tuple[int, ...],
+    ) -> float:  # sum over the group's axes of <W_a, W_b with units reordered by p>
+        idx = list(p)
+        return float(
+            (sa["features.fc1.weight"] * sb["features.fc1.weight"][idx]).sum()
+            + (sa["features.fc1.bias"] * sb["features.fc1.bias"][idx]).sum()
+            + (sa["classifier.weight"] * sb["classifier.weight"][:, idx]).sum()
+        )
+
+    best = max(itertools.permutations(range(5)), key=score)
+    m = weight_matching(permutation_spec(b), sa, sb)
+    assert tuple(m.perms["features.fc1"].tolist()) == best
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet_small", "vgg_small"])
+def test_align_keeps_the_function_of_an_unrelated_model(name: str) -> None:
+    torch.manual_seed(0)
+    a = zoo.create_model(name, input_shape=(1, 8, 8), num_classes=10).eval()
+    b = zoo.create_model(name, input_shape=(1, 8, 8), num_classes=10).eval()
+    aligned = align(b, to=a).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), b(x), atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(aligned.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_different_architectures_name_the_first_differing_parameter() -> None:
+    a = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(8, 4))
+    b = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(8, 5))
+    with pytest.raises(AlignmentError, match=r"'features\.fc2\.weight' has shape \(5, 8\) .* but \(4, 8\)"):
+        align(b, to=a)
+    c = zoo.create_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(AlignmentError, match="different architectures"):
+        align(c, to=a)
+
+
+def test_bad_settings() -> None:
+    a = zoo.create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(8,))
+    with pytest.raises(RegistryError, match=r"unknown alignment method 'sinkhorn'.*weight_matching"):
+        align(a, to=a, method="sinkhorn")
+    with pytest.raises(ConfigError, match="max_passes"):
+        align(a, to=a, max_passes=0)
+    with pytest.raises(ConfigError, match="Valid options: max_passes, seed"):
+        align(a, to=a, data=[])
