@@ -23,6 +23,7 @@ COMMANDS = {
     "fuse-features": "modelfuse.cli.fuse_features",
     "demo": "modelfuse.cli.demo",
     "barrier": "modelfuse.cli.barrier",
+    "align": "modelfuse.cli.align",
 }
 
 

@@ -12,6 +12,8 @@ import argparse
 import json
 from typing import Any
 
+from modelfuse.cli._models import add_pair_arguments
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -21,31 +23,10 @@ def add_parser(sub: Any) -> None:
         "dataset split; print a table with the loss barrier and plot the path to a PNG. BatchNorm "
         "running statistics are interpolated too (no REPAIR).",
     )
-    p.add_argument("checkpoint_a", metavar="A", help="first trained model (t = 0)")
-    p.add_argument("checkpoint_b", metavar="B", help="second trained model (t = 1)")
-    p.add_argument(
-        "--arch",
-        required=True,
-        metavar="NAME|MODULE:FUNCTION",
-        help="architecture of both: a zoo name (mlp, cnn, ...) or a factory 'package.module:function'",
-    )
-    p.add_argument(
-        "--arch-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="architecture option; repeatable",
-    )
-    p.add_argument("--data", default="digits", help="dataset name (default %(default)s)")
-    p.add_argument(
-        "--data-option", action="append", default=[], metavar="KEY=VALUE", help="dataset option; repeatable"
-    )
-    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default test)")
+    add_pair_arguments(p, split_default="test")
     p.add_argument("--points", type=int, default=25, help="number of t values, ends included (default 25)")
     p.add_argument("-o", "--output", default="barrier.png", help="PNG to write (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing PNG")
-    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
-    p.add_argument("--device", default="cpu", help="where to evaluate (default cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 
@@ -53,31 +34,19 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from modelfuse import data as mf_data
     from modelfuse.align.barrier import loss_barrier
-    from modelfuse.cli._args import key_values
+    from modelfuse.cli._models import load_pair
     from modelfuse.errors import ConfigError, OutputExistsError
-    from modelfuse.io import load_into
-    from modelfuse.zoo import build_architecture
 
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"-o {args.output}: the plot is written as PNG; give a path ending in .png")
     if out.exists() and not args.force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it or name another -o")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    splits = mf_data.load(args.data, **key_values(args.data_option, "--data-option", "upsample=true"))
-    options = key_values(args.arch_option, "--arch-option", "width=32")
-    models = []
-    for path in (args.checkpoint_a, args.checkpoint_b):
-        model = build_architecture(
-            args.arch, input_shape=splits.input_shape, num_classes=splits.num_classes, options=options
-        )
-        models.append(load_into(model, Path(path)).to(args.device).eval())
+    splits, model_a, model_b = load_pair(args)
     result = loss_barrier(
-        models[0],
-        models[1],
+        model_a,
+        model_b,
         splits,
         split=args.split,
         points=args.points,
