@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modelfuse.align import align
 from modelfuse.cli import main
 from modelfuse.data import load
-from modelfuse.io import open_checkpoint, save_state_dict
+from modelfuse.io import save_state_dict
 from modelfuse.zoo import create_model
 
 HIDDEN = "hidden=[16, 16]"
@@ -37,17 +38,9 @@ def pair(tmp_path):
     return splits, models, paths
 
 
-def _read(path):
-    ckpt = open_checkpoint(path)
-    try:
-        return {k: ckpt[k].clone() for k in ckpt}
-    finally:
-        ckpt.close()
-
-
 def _aligned_model(splits, path):
     model = create_model("mlp", input_shape=splits.input_shape, num_classes=10, hidden=[16, 16])
-    model.load_state_dict(_read(path))
+    model.load_state_dict(load_file(path))
     return model.eval()
 
 
@@ -106,7 +99,7 @@ def test_align_bad_inputs_write_nothing(pair, tmp_path, capsys):
     assert main(["align", paths[0], str(other_path), *base]) == 2
     err = capsys.readouterr().err
     assert "different architectures" in err
-    diff = next(k for k, v in other.state_dict().items() if v.shape != _read(paths[0])[k].shape)
+    diff = next(k for k, v in other.state_dict().items() if v.shape != load_file(paths[0])[k].shape)
     assert repr(diff) in err and str(other_path) in err
 
     # data whose batches do not fit the model (mnist1d has 1x40 inputs, the model takes 1x8x8)

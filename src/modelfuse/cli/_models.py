@@ -49,13 +49,12 @@ def load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """
     from pathlib import Path
 
-    import torch
-
     from modelfuse import data as mf_data
     from modelfuse.align.matching import check_same_architecture
     from modelfuse.cli._args import key_values
-    from modelfuse.errors import AlignmentError, CheckpointError, ConfigError, DataError
+    from modelfuse.errors import AlignmentError, CheckpointError, ConfigError
     from modelfuse.io import load_into, open_checkpoint
+    from modelfuse.merge.data_recipes import check_inputs_fit
     from modelfuse.zoo import build_architecture
 
     if args.batch_size < 1:
@@ -83,17 +82,6 @@ def load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace("the state_dict", str(path), 1)) from None
         models.append(model.to(args.device).eval())
-    dataset = getattr(splits, args.split)
-    if len(dataset) == 0:
-        raise DataError(f"--data {args.data} --split {args.split} is empty; name another split or dataset")
-    x = torch.utils.data.default_collate([dataset[0]])[0]
-    try:
-        with torch.no_grad():
-            models[0](x.to(args.device))
-    except Exception as exc:
-        raise DataError(
-            f"--data {args.data} --split {args.split}: its inputs of shape {tuple(x.shape[1:])} do not fit "
-            f"--arch {args.arch} ({type(exc).__name__}: {exc}); give the dataset the checkpoints were "
-            "trained on, or its options (--data-option)"
-        ) from None
+    where = f"--data {args.data} --split {args.split}"
+    check_inputs_fit(models[0], getattr(splits, args.split), where, args.device)
     return splits, models[0], models[1]

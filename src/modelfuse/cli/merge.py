@@ -173,6 +173,38 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _run_data_recipe(args: argparse.Namespace, path: Any) -> int:
+    """A recipe of a data-driven method (fisher, regmean, adamerging, greedy_soup): run in Python
+    over whole models by modelfuse.merge.data_recipes."""
+    import json
+    import time
+
+    from modelfuse.errors import ConfigError
+    from modelfuse.merge.data_recipes import merge_with_data
+
+    if args.plan:
+        raise ConfigError(
+            f"{path}: --plan prints the per-tensor plan of the streaming methods; a data-driven recipe "
+            "has none (use --dry-run to check it)"
+        )
+    if not args.out:
+        raise ConfigError("give the output with -o/--out (a folder, or a file ending in .safetensors)")
+    start = time.perf_counter()
+    result = merge_with_data(path, args.out, force=args.force, device=args.device, dry_run=args.dry_run)
+    if args.dry_run:
+        print(
+            f"dry run ok: {result.report['method']} on {result.report['examples']} examples; would write {args.out}"
+        )
+        return 0
+    seconds = time.perf_counter() - start
+    extra = {k: v for k, v in result.report.items() if k not in ("method", "models")}
+    print(
+        f"merged {len(result.report['models'])} models by {result.report['method']} into {result.out} in {seconds:.1f} s"
+    )
+    print(json.dumps(extra, sort_keys=True))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -190,6 +222,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise ConfigError("give a recipe file, or --method with the models to merge (see --help)")
     if args.method:
+        from modelfuse.merge.data_recipes import DATA_METHODS
+
+        if args.method in DATA_METHODS:
+            raise ConfigError(
+                f"--method {args.method} runs the models on data: write a recipe file with its "
+                "architecture: and data: sections (see the README, 'Data-driven merges')"
+            )
         data = _shorthand(args)
         recipe, text, folder = parse_recipe(data, "command line"), yaml.safe_dump(data, sort_keys=False), None
     else:
@@ -207,7 +246,11 @@ def run(args: argparse.Namespace) -> int:
             )
         from pathlib import Path
 
+        from modelfuse.merge.data_recipes import is_data_recipe
+
         path = Path(args.inputs[0])
+        if is_data_recipe(path):
+            return _run_data_recipe(args, path)
         recipe = load_recipe(path)
         text, folder = path.read_text(encoding="utf-8"), path.resolve().parent
     torch_threads = resolve_torch_threads(args.threads)

@@ -13,6 +13,7 @@ import types
 
 from modelfuse.merge.api import merge, merge_modules, merge_state_dicts, plan_merge
 from modelfuse.merge.data_merge import fisher_merge, regmean_merge
+from modelfuse.merge.data_recipes import DataRecipe, merge_with_data, parse_data_recipe
 from modelfuse.merge.methods import MergeMethod, get_method, list_methods, merge_method
 from modelfuse.merge.plan import IgnoredParameterWarning
 from modelfuse.merge.recipe import Recipe, load_recipe, parse_recipe
@@ -26,6 +27,7 @@ from modelfuse.merge.statistics import (
 )
 
 __all__ = [
+    "DataRecipe",
     "IgnoredParameterWarning",
     "MergeMethod",
     "Recipe",
@@ -41,6 +43,8 @@ __all__ = [
     "merge_method",
     "merge_modules",
     "merge_state_dicts",
+    "merge_with_data",
+    "parse_data_recipe",
     "parse_recipe",
     "plan_merge",
     "regmean_merge",

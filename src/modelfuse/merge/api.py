@@ -73,7 +73,17 @@ def merge(
     they are written (the output then does not push the inputs out of the cache, but
     loading it right after the merge reads from disk). ``modelfuse merge`` turns on the
     first two and, unless ``--keep-cache``, the third.
+
+    A recipe of a data-driven method (``fisher``, ``regmean``, ``adamerging``,
+    ``greedy_soup``, with ``architecture:`` and ``data:`` sections) runs through
+    :func:`modelfuse.merge.data_recipes.merge_with_data` instead (``force`` and ``device``
+    apply; ``out`` ending in ``.safetensors`` is one file, otherwise a folder).
     """
+    from modelfuse.merge.data_recipes import is_data_recipe, merge_with_data
+
+    if not isinstance(recipe, Recipe) and is_data_recipe(recipe):
+        # fisher, regmean, adamerging, greedy_soup: whole models run on data, not the streaming executor
+        return merge_with_data(recipe, out, force=force, device=device).out
     parsed, text, folder = _recipe_and_text(recipe)
     plan = build_plan(
         parsed, recipe_dir=folder, missing=missing, allow_architecture_mismatch=allow_architecture_mismatch
