@@ -126,3 +126,50 @@ def test_align_bad_inputs_write_nothing(pair, tmp_path, capsys):
         "m1.safetensors",
         "other.safetensors",
     ]
+
+
+def test_align_cnn_on_an_image_folder(tmp_path, capsys):
+    """Activation matching of a BatchNorm CNN on a user's image folder (modelfuse.data's image_folder)."""
+    import numpy as np
+
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) // (c + 1)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    data = load("image_folder", root=root, image_size=8)
+    models, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model(
+            "cnn", input_shape=data.input_shape, num_classes=2, widths=[4, 8], batch_norm=True
+        )
+        with torch.no_grad():  # BatchNorm statistics that are not the identity
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        models.append(model.eval())
+        paths.append(tmp_path / f"cnn{seed}.safetensors")
+        save_state_dict(model, paths[-1])
+    out = tmp_path / "cnn1_aligned.safetensors"
+    args = ["align", *map(str, paths), "--arch", "cnn", "--arch-option", "widths=[4, 8]"]
+    args += ["--arch-option", "batch_norm=true", "--method", "activation_matching", "--batch-size", "8"]
+    args += ["--data", "image_folder", "--data-option", f"root={root}", "--data-option", "image_size=8"]
+    assert main([*args, "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "activation_matching"
+    aligned = create_model("cnn", input_shape=data.input_shape, num_classes=2, widths=[4, 8], batch_norm=True)
+    aligned.load_state_dict(load_file(out))
+    aligned.eval()
+    x = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), models[1](x), atol=1e-5, rtol=0)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=8)
+    expected = align(models[1], to=models[0], method="activation_matching", data=loader)
+    for k, v in expected.state_dict().items():
+        assert torch.equal(aligned.state_dict()[k], v), k

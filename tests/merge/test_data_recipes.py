@@ -166,3 +166,23 @@ def test_existing_output_and_foreign_statistics_refused(tmp_path, splits, models
     save_state_dict(_model(splits, 7), tmp_path / "m1.safetensors", force=True)
     _refused([str(path), "-o", str(out), "--force"], capsys, "computed on another model", "m1.safetensors")
     assert out.read_bytes() == first
+
+
+def test_adamerging_recipe_equals_adamerging(tmp_path, splits, models):
+    from modelfuse.merge.adamerging import adamerging
+
+    path = _recipe(
+        tmp_path,
+        "adamerging",
+        base_model="m0.safetensors",
+        parameters={"epochs": 2, "lr": 0.01, "granularity": "layer"},
+        data={"dataset": "digits", "split": "val", "examples": 64, "batch_size": 32},
+    )
+    recipe = yaml.safe_load(path.read_text())
+    recipe["models"] = recipe["models"][1:]
+    path.write_text(yaml.safe_dump(recipe))
+    out = merge(path, tmp_path / "ada.safetensors")
+    expected = adamerging(
+        models[0], models[1:], splits, split="val", max_examples=64, epochs=2, lr=0.01, batch_size=32
+    )
+    _assert_same(_read(out), expected.model.state_dict())
