@@ -77,6 +77,9 @@ def test_fisher_recipe_equals_fisher_merge(tmp_path, splits, models, capsys):
     recipe["models"][1]["parameters"] = {"weight": 2.0}
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "fisher.safetensors"
+    assert main(["-q", "merge", str(path), "-o", str(out), "--dry-run"]) == 0  # checks, writes nothing
+    assert "dry run ok" in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / "fisher.safetensors.statistics").exists()
     assert main(["-q", "merge", str(path), "-o", str(out)]) == 0
     assert "by fisher" in capsys.readouterr().out
     loader = DataLoader(splits.val, batch_size=64)

@@ -14,7 +14,8 @@ def add_parser(sub: Any) -> None:
         help="merge the weights of several checkpoints (recipes in mergekit's format)",
         description="Merge checkpoints tensor by tensor into a Hugging Face folder (safetensors shards, "
         "config, tokenizer, model card). Give a recipe file (mergekit's YAML format), or the shorthand "
-        "--method M [--base B] MODEL... [--param k=v]...",
+        "--method M [--base B] MODEL... [--param k=v]... The data-driven methods (fisher, regmean, adamerging, "
+        "greedy_soup) take a recipe file with architecture: and data: sections and run on whole models.",
         epilog="examples:\n  modelfuse merge recipe.yaml -o merged\n"
         "  modelfuse merge --method ties --base base ft1 ft2 ft3 --param density=0.3 -o merged",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -16,7 +16,8 @@ methods): the checkpoints are loaded into the architecture, statistics are compu
 :mod:`modelfuse.merge.statistics` (or read from a cache, checked by the fingerprint of the
 model they were computed on), the models are merged by :func:`fisher_merge`,
 :func:`regmean_merge`, :func:`adamerging` or :func:`greedy_soup`, and the result is written
-atomically. Statistics are cached in ``statistics:`` (a folder), by default beside the output
+atomically. Statistics are cached in ``statistics:`` (a folder; relative to the working
+directory), by default beside the output
 (``OUT.statistics/``); they are written only once the merge has succeeded.
 
 The methods that learn or select on the data (``adamerging``, ``greedy_soup``) refuse the
@@ -189,7 +190,8 @@ def check_inputs_fit(
     """Run ``model`` on the first example of ``dataset``; a DataError naming ``where`` if it cannot."""
     if len(dataset) == 0:
         raise DataError(f"{where} is empty; name another split or dataset")
-    x = torch.utils.data.default_collate([dataset[0]])[0]
+    batch = torch.utils.data.default_collate([dataset[0]])
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch  # (inputs, labels) items or inputs alone
     was_training = model.training
     model.eval()
     try:
