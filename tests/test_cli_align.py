@@ -71,7 +71,7 @@ def test_align_writes_b_permuted(pair, tmp_path, capsys, method):
         expected = align(model_b, to=model_a, method=method, data=loader)
     for k, v in expected.state_dict().items():
         assert torch.equal(aligned.state_dict()[k], v), k
-    # the barrier figures are loss_barrier's own definition: check one by hand
+    # the reported barrier is loss_barrier's figure for A and B on the split (its own tests check it by hand)
     from modelfuse.align import loss_barrier
 
     before = loss_barrier(model_a, model_b, splits, split="train", points=5).barrier
