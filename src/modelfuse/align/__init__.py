@@ -4,6 +4,7 @@
   derived by tracing the model with torch.fx; ``explain(model)`` prints them.
 - ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
+- ``ot_fusion(a, b)``: b fused into a by optimal transport of units (widths may differ).
 - ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
 """
 
@@ -19,6 +20,7 @@ from modelfuse.align.matching import (
     register_aligner,
     weight_matching,
 )
+from modelfuse.align.ot_fusion import OTFusion, ot_fusion, transport_map
 from modelfuse.align.permute import apply_permutation, permute_state_dict
 from modelfuse.align.spec import (
     AxisRef,
@@ -34,6 +36,7 @@ __all__ = [
     "BarrierResult",
     "FixedGroup",
     "Matching",
+    "OTFusion",
     "PermutationGroup",
     "PermutationSpec",
     "activation_matching",
@@ -44,8 +47,10 @@ __all__ = [
     "interpolate",
     "list_aligners",
     "loss_barrier",
+    "ot_fusion",
     "permutation_spec",
     "permute_state_dict",
     "register_aligner",
+    "transport_map",
     "weight_matching",
 ]
