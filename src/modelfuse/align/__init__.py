@@ -5,6 +5,7 @@
 - ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
 - ``ot_fusion(a, b)``: b fused into a by optimal transport of units (widths may differ).
+- ``zipit(a, b, data)``: models of different tasks zipped feature by feature (ZipIt!).
 - ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
 """
 
@@ -30,6 +31,7 @@ from modelfuse.align.spec import (
     explain,
     permutation_spec,
 )
+from modelfuse.align.zipit import PartialZip, zip_matrices, zipit
 
 __all__ = [
     "AxisRef",
@@ -37,6 +39,7 @@ __all__ = [
     "FixedGroup",
     "Matching",
     "OTFusion",
+    "PartialZip",
     "PermutationGroup",
     "PermutationSpec",
     "activation_matching",
@@ -53,4 +56,6 @@ __all__ = [
     "register_aligner",
     "transport_map",
     "weight_matching",
+    "zip_matrices",
+    "zipit",
 ]
