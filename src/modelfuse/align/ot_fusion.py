@@ -52,11 +52,14 @@ class OTFusion:
     transports: dict[str, torch.Tensor]
 
 
-def transport_map(cost: np.ndarray | torch.Tensor, *, reg: float | None = None) -> torch.Tensor:
+def transport_map(
+    cost: np.ndarray | torch.Tensor, *, reg: float | None = None, max_iter: int = 1000
+) -> torch.Tensor:
     """Optimal transport plan (n x m) with uniform marginals ``1/n``, ``1/m`` for ``cost`` (n x m).
 
     ``reg=None``: exact transport (``ot.emd``); otherwise entropic transport with
-    regularisation ``reg`` (``ot.sinkhorn``) on the cost divided by its largest entry.
+    regularisation ``reg`` (``ot.sinkhorn``, at most ``max_iter`` iterations; POT warns when
+    it stops before converging) on the cost divided by its largest entry.
     """
     ot = require("ot", "OT fusion")
     m = np.asarray(cost.detach().cpu().numpy() if isinstance(cost, torch.Tensor) else cost, dtype=np.float64)
@@ -76,7 +79,7 @@ def transport_map(cost: np.ndarray | torch.Tensor, *, reg: float | None = None) 
                 f"reg (entropic regularisation) must be positive, or None for exact transport; found {reg}"
             )
         scale = float(np.abs(m).max()) or 1.0
-        plan = ot.sinkhorn(a, b, m / scale, reg)
+        plan = ot.sinkhorn(a, b, m / scale, reg, numItermax=max_iter)
         if not np.isfinite(plan).all():
             raise AlignmentError(
                 f"entropic transport with reg={reg} did not converge (NaN plan); use a larger reg or reg=None"
@@ -157,6 +160,7 @@ def ot_fusion(
     spec: PermutationSpec | None = None,
     spec_b: PermutationSpec | None = None,
     incoming: str = "average",
+    sinkhorn_max_iter: int = 1000,
 ) -> OTFusion:
     """Fuse ``model_b`` into ``model_a`` by optimal transport of its units; the result has A's widths.
 
@@ -165,8 +169,9 @@ def ot_fusion(
     activations on ``data``, a loader of input batches or (inputs, labels) pairs, at most
     ``max_batches``). ``ground_metric`` (activations only) is ``"correlation"`` (default:
     ``1 - Pearson correlation``, which beat the paper's ``"sqeuclidean"`` on digits MLPs) or
-    ``"sqeuclidean"``; weights always use squared distances. ``reg=None`` uses exact transport, a positive ``reg`` entropic
-    transport. ``spec``/``spec_b`` are the models' permutation specs (derived by tracing
+    ``"sqeuclidean"``; weights always use squared distances. ``reg=None`` uses exact
+    transport, a positive ``reg`` entropic transport (``sinkhorn_max_iter`` iterations at
+    most). ``spec``/``spec_b`` are the models' permutation specs (derived by tracing
     when left out); both models must be of one family, differing only in hidden widths.
 
     ``incoming`` says how the next layer's input axis (axis >= 1 of a weight of 2 or more
@@ -247,7 +252,7 @@ def ot_fusion(
                     std_a = (s_aa / c - ma**2).clamp_min(0).sqrt()
                     std_b = (s_bb / c - mb**2).clamp_min(0).sqrt()
                     cost += 1 - cov / (std_a[:, None] * std_b[None, :] + 1e-12)
-        plan = transport_map(cost, reg=reg)
+        plan = transport_map(cost, reg=reg, max_iter=sinkhorn_max_iter)
         transports[name] = plan
         t_hat = plan * n  # normalised by A's marginal 1/n: rows sum to one
         t_sum = plan * m  # normalised by B's marginal: B's total outgoing weight is kept
