@@ -220,3 +220,22 @@ def test_fusing_a_256_wide_mlp_into_a_512_wide_one() -> None:
     acc_a, acc_b, acc_f = _acc(a, splits), _acc(b, splits), _acc(fused, splits)
     print(f"512-wide {acc_a:.2f}, 256-wide {acc_b:.2f}, 256 fused into 512 by activation OT {acc_f:.2f}")
     assert acc_f >= min(acc_a, acc_b) - 5  # it works (a guard, not a claim of improvement)
+
+
+def test_cnns_of_different_widths_and_a_permuted_cnn() -> None:
+    torch.manual_seed(0)
+    a = zoo.create_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(8, 12, 16)).eval()
+    b = zoo.create_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(6, 16, 10)).eval()
+    x = torch.rand(32, 1, 8, 8)
+    for mode in ("weights", "activations"):
+        fused = ot_fusion(a, b, mode=mode, data=[x]).model
+        assert {k: v.shape for k, v in fused.state_dict().items()} == {
+            k: v.shape for k, v in a.state_dict().items()
+        }
+    spec = permutation_spec(a)
+    g = torch.Generator().manual_seed(2)
+    p = apply_permutation(
+        a, spec, {k: torch.randperm(grp.size, generator=g) for k, grp in spec.groups.items()}
+    )
+    for mode in ("weights", "activations"):
+        torch.testing.assert_close(ot_fusion(a, p, mode=mode, data=[x]).model(x), a(x), atol=1e-5, rtol=1e-5)
