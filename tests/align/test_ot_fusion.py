@@ -239,3 +239,14 @@ def test_cnns_of_different_widths_and_a_permuted_cnn() -> None:
     )
     for mode in ("weights", "activations"):
         torch.testing.assert_close(ot_fusion(a, p, mode=mode, data=[x]).model(x), a(x), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_pot_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from modelfuse.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "ot", None)  # import ot now raises ImportError
+    a = _mlp((4, 4), 0)
+    with pytest.raises(MissingExtraError, match=r"modelfuse\[align\]"):
+        ot_fusion(a, a)
