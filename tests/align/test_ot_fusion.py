@@ -206,8 +206,8 @@ def test_one_shot_activation_ot_fusion_of_digits_mlps() -> None:
 
 @pytest.mark.slow
 def test_fusing_a_256_wide_mlp_into_a_512_wide_one() -> None:
-    # measured here (512-wide seed 0, 256-wide seed 1): 98.05 and 96.94; fused by activation OT
-    # 96.10, by weight OT 96.66. At width 512 the 3-point margin over plain averaging
+    # measured here (512-wide seed 0, 256-wide seed 1): 98.05 and 96.10, fused by activation OT
+    # 96.10 (with a 256-wide seed 2: 96.94, activation OT 96.10, weight OT 96.66). At width 512 the 3-point margin over plain averaging
     # does not hold (seeds 0/1: endpoints 97.77, averaging 94.15, activation OT 96.38), which is
     # why the one-shot test above uses width 128 (seeds 2/3 there: 96.10, 82.45, 94.99).
     from modelfuse import data
