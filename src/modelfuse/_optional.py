@@ -13,6 +13,7 @@ EXTRA_OF = {
     "timm": "vision",
     "transformers": "hf",
     "ensemble_boxes": "dev",
+    "ot": "align",
 }
 
 

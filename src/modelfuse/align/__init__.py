@@ -4,6 +4,8 @@
   derived by tracing the model with torch.fx; ``explain(model)`` prints them.
 - ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
+- ``ot_fusion(a, b)``: b fused into a by optimal transport of units (widths may differ).
+- ``zipit(a, b, data)``: models of different tasks zipped feature by feature (ZipIt!).
 - ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
 """
 
@@ -19,6 +21,7 @@ from modelfuse.align.matching import (
     register_aligner,
     weight_matching,
 )
+from modelfuse.align.ot_fusion import OTFusion, ot_fusion, transport_map
 from modelfuse.align.permute import apply_permutation, permute_state_dict
 from modelfuse.align.spec import (
     AxisRef,
@@ -28,12 +31,15 @@ from modelfuse.align.spec import (
     explain,
     permutation_spec,
 )
+from modelfuse.align.zipit import PartialZip, zip_matrices, zipit
 
 __all__ = [
     "AxisRef",
     "BarrierResult",
     "FixedGroup",
     "Matching",
+    "OTFusion",
+    "PartialZip",
     "PermutationGroup",
     "PermutationSpec",
     "activation_matching",
@@ -44,8 +50,12 @@ __all__ = [
     "interpolate",
     "list_aligners",
     "loss_barrier",
+    "ot_fusion",
     "permutation_spec",
     "permute_state_dict",
     "register_aligner",
+    "transport_map",
     "weight_matching",
+    "zip_matrices",
+    "zipit",
 ]

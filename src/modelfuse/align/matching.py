@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +138,82 @@ def _inputs_of(batch: Any) -> torch.Tensor:
     return batch
 
 
+def paired_activations(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    what: str = "activation matching",
+) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch of ``data``: node -> (A's, B's activations as float64 samples x units) at every
+    node that carries a group of ``spec`` (the widths of a and b may differ).
+
+    The models run as copies, in eval mode, without gradients, on ``device``; an empty
+    ``data`` raises :class:`AlignmentError`, and so does a batch that does not fit.
+    """
+    # copies: running them in eval mode on ``device`` must not change the caller's modules
+    gms = [trace(copy.deepcopy(m)).to(device).eval() for m in (model_a, model_b)]
+    keep = {t for g in spec.groups.values() for t in g.producers}
+    seen_batches = 0
+    with torch.no_grad():
+        for batch in data:
+            if max_batches is not None and seen_batches >= max_batches:
+                break
+            x = _inputs_of(batch).to(device)
+            outs = []
+            for which, gm in zip(("reference (to=)", "to align"), gms, strict=True):
+                runner = _Taps(gm, keep)
+                try:
+                    runner.run(x)
+                except Exception as exc:
+                    raise AlignmentError(
+                        f"a batch of shape {tuple(x.shape)} does not fit the model {which}: "
+                        f"{type(exc).__name__}: {exc}; give {what} batches of the model's inputs"
+                    ) from exc
+                outs.append(runner.seen)
+            seen_batches += 1
+            yield {
+                tap: (
+                    _units(outs[0][tap], spec.tap_layouts[tap][0]),
+                    _units(outs[1][tap], spec.tap_layouts[tap][0]),
+                )
+                for tap in keep
+            }
+    if seen_batches == 0:
+        raise AlignmentError(f"{what} got no batches; give it a non-empty data loader")
+
+
+def activation_moments(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    what: str = "activation matching",
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
+    """Paired activation moments of two models (see :func:`paired_activations`).
+
+    Per node: ``[sum z_a, sum z_b, z_a^T z_b, sum z_a^2, sum z_b^2]`` over every sample (and
+    spatial position) of ``data``, and the count.
+    """
+    stats: dict[str, list[torch.Tensor]] = {}
+    count: dict[str, int] = {}
+    for acts in paired_activations(
+        spec, model_a, model_b, data, max_batches=max_batches, device=device, what=what
+    ):
+        for tap, (za, zb) in acts.items():
+            parts = [za.sum(0), zb.sum(0), za.T @ zb, (za * za).sum(0), (zb * zb).sum(0)]
+            old = stats.get(tap)
+            stats[tap] = parts if old is None else [o + p for o, p in zip(old, parts, strict=True)]
+            count[tap] = count.get(tap, 0) + za.shape[0]
+    return stats, count
+
+
 def activation_matching(
     spec: PermutationSpec,
     model_a: nn.Module,
@@ -155,39 +231,10 @@ def activation_matching(
     summed over those nodes, then ``max_P sum_i C[i, P(i)]`` with ``linear_sum_assignment``.
     """
     check_same_architecture(model_a.state_dict(), model_b.state_dict())
-    # copies: running them in eval mode on ``device`` must not change the caller's modules
-    gms = [trace(copy.deepcopy(m)).to(device).eval() for m in (model_a, model_b)]
     taps = {name: g.producers for name, g in spec.groups.items()}
-    keep = {t for ts in taps.values() for t in ts}
-    stats: dict[str, list[torch.Tensor]] = {}
-    count: dict[str, int] = {}
-    seen_batches = 0
-    with torch.no_grad():
-        for batch in data:
-            if max_batches is not None and seen_batches >= max_batches:
-                break
-            x = _inputs_of(batch).to(device)
-            outs = []
-            for which, gm in zip(("reference (to=)", "to align"), gms, strict=True):
-                runner = _Taps(gm, keep)
-                try:
-                    runner.run(x)
-                except Exception as exc:
-                    raise AlignmentError(
-                        f"a batch of shape {tuple(x.shape)} does not fit the model {which}: "
-                        f"{type(exc).__name__}: {exc}; give activation matching batches of the model's inputs"
-                    ) from exc
-                outs.append(runner.seen)
-            seen_batches += 1
-            for tap in keep:
-                za = _units(outs[0][tap], spec.tap_layouts[tap][0])
-                zb = _units(outs[1][tap], spec.tap_layouts[tap][0])
-                s = stats.setdefault(tap, [torch.zeros(0)] * 5)
-                parts = [za.sum(0), zb.sum(0), za.T @ zb, (za * za).sum(0), (zb * zb).sum(0)]
-                stats[tap] = [p if o.numel() == 0 else o + p for o, p in zip(s, parts, strict=True)]
-                count[tap] = count.get(tap, 0) + za.shape[0]
-    if seen_batches == 0:
-        raise AlignmentError("activation matching got no batches; give it a non-empty data loader")
+    stats, count = activation_moments(
+        spec, model_a, model_b, data, max_batches=max_batches, device=device, what="activation matching"
+    )
     perms: dict[str, torch.Tensor] = {}
     for name, g in spec.groups.items():
         corr = torch.zeros(g.size, g.size, dtype=torch.float64)
