@@ -4,6 +4,7 @@
   derived by tracing the model with torch.fx; ``explain(model)`` prints them.
 - ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
+- ``repair(merged, endpoints=(a, b), t=0.5, data=loader)``: REPAIR the interpolated model's statistics.
 - ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
 """
 
@@ -20,6 +21,7 @@ from modelfuse.align.matching import (
     weight_matching,
 )
 from modelfuse.align.permute import apply_permutation, permute_state_dict
+from modelfuse.align.repair import repair, repair_statistics, reset_bn_stats
 from modelfuse.align.spec import (
     AxisRef,
     FixedGroup,
@@ -47,5 +49,8 @@ __all__ = [
     "permutation_spec",
     "permute_state_dict",
     "register_aligner",
+    "repair",
+    "repair_statistics",
+    "reset_bn_stats",
     "weight_matching",
 ]
