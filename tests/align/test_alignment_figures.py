@@ -62,7 +62,9 @@ def _line(name: str, r: BarrierResult) -> str:
 
 @pytest.mark.slow
 def test_digits_mlp_128_weight_matching_barrier() -> None:
-    """Two digits MLPs 64-128-128-10: the weight-matched test-loss barrier is at most 0.05 and 0.1x the naive one."""
+    """Two digits MLPs 64-128-128-10: the weight-matched test-loss barrier is at most 0.05 and 0.1x the naive one.
+
+    Measured (seeds 0/1): naive 0.580, weight matching 0.0185, with REPAIR rescaling 0.0122."""
     splits = data.load("digits")
     a, b = _pair("mlp", splits, 40, hidden=(128, 128))
     naive = loss_barrier(a, b, splits, ts=TS)
@@ -85,7 +87,10 @@ def test_digits_mlp_128_weight_matching_barrier() -> None:
 
 @pytest.mark.slow
 def test_mnist1d_mlp_512_weight_matching() -> None:
-    """MNIST-1D MLPs 40-512-512-10: weight-matched midpoint within 4.5 points, train-loss barrier <= 0.2x naive."""
+    """MNIST-1D MLPs 40-512-512-10: weight-matched midpoint within 4.5 points, train-loss barrier <= 0.2x naive.
+
+    Measured (seeds 0/1): test midpoint 60.60% vs endpoints' 64.60% (4.0 points: only 0.5 of margin;
+    the endpoints overfit, 100% train), train-loss barrier 0.324 vs naive 2.50."""
     splits = data.load("mnist1d")
     a, b = _pair("mlp", splits, 40, hidden=(512, 512))
     naive = loss_barrier(a, b, splits, split="train", ts=TS)
@@ -129,7 +134,9 @@ def _bn_figures(arch: str, **kwargs: object) -> tuple[BarrierResult, BarrierResu
 
 @pytest.mark.slow
 def test_digits_cnn_bn_repair() -> None:
-    """Zoo CNN with BatchNorm on digits: weight matching + REPAIR within 2 points, barrier <= 0.6x without REPAIR."""
+    """Zoo CNN with BatchNorm on digits: weight matching + REPAIR within 2 points, barrier <= 0.6x without REPAIR.
+
+    Measured (seeds 0/1): midpoint 98.89% vs endpoints' 100%, barrier 0.109 vs 1.83 without REPAIR."""
     _, wm, fixed = _bn_figures("cnn", batch_norm=True)
     ends = 50 * (fixed.accuracies[0] + fixed.accuracies[-1])
     assert 100 * fixed.midpoint["accuracy"] >= ends - 2
@@ -138,7 +145,9 @@ def test_digits_cnn_bn_repair() -> None:
 
 @pytest.mark.slow
 def test_digits_resnet_small_figures() -> None:
-    """Zoo resnet_small on digits: the same figures, printed; no floor measured yet (only sanity)."""
+    """Zoo resnet_small on digits: the same figures, printed; no floor measured yet (only sanity).
+
+    Measured (seeds 0/1): barrier naive 2.23, weight matching 1.87, + REPAIR 1.19 (midpoint 59% vs 99.6%)."""
     naive, wm, fixed = _bn_figures("resnet_small")
     for r in (naive, wm, fixed):
         assert all(math.isfinite(x) for x in r.losses)
