@@ -6,6 +6,7 @@
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
 - ``ot_fusion(a, b)``: b fused into a by optimal transport of units (widths may differ).
 - ``zipit(a, b, data)``: models of different tasks zipped feature by feature (ZipIt!).
+- ``repair(merged, endpoints=(a, b), t=0.5, data=loader)``: REPAIR the interpolated model's statistics.
 - ``loss_barrier(a, b, data)``: loss and accuracy along the straight line between two models.
 """
 
@@ -23,6 +24,7 @@ from modelfuse.align.matching import (
 )
 from modelfuse.align.ot_fusion import OTFusion, ot_fusion, transport_map
 from modelfuse.align.permute import apply_permutation, permute_state_dict
+from modelfuse.align.repair import repair, repair_statistics, reset_bn_stats
 from modelfuse.align.spec import (
     AxisRef,
     FixedGroup,
@@ -55,6 +57,9 @@ __all__ = [
     "permute_state_dict",
     "register_aligner",
     "transport_map",
+    "repair",
+    "repair_statistics",
+    "reset_bn_stats",
     "weight_matching",
     "zip_matrices",
     "zipit",
