@@ -1,0 +1,285 @@
+"""Digits multi-task merging table (issue 16): one pretrained zoo MLP fine-tuned on 3 tasks, merged.
+
+Two families of three tasks each:
+
+- ``labels``: label subsets 0-3 / 4-6 / 7-9. The base is the zoo MLP trained 1 epoch on all of
+  digits; each fine-tune trains (3 epochs) only on its labels' train samples and is evaluated
+  on its labels' test samples.
+- ``transforms``: the original images, the images rotated 90 degrees, the inverted images
+  (1 - x). Each fine-tune trains (8 epochs) on its transformation of the whole train split and is
+  evaluated on its transformation of the test split. The base is the zoo MLP trained 1 epoch
+  on the original images (the issue's setting). ``--transforms-base mix`` pretrains it instead
+  on an equal mix of the three transformations (so that it is not confidently wrong on the
+  rotated and inverted tasks), the setting tried to give AdaMerging a fair chance; neither
+  setting makes AdaMerging beat task arithmetic here (benchmarks/RESULTS.md).
+
+Rows: the pretrained base, each task's own fine-tune on its task (``individual``), one model
+jointly trained on all three tasks (the base trained on their union for as many epochs as a
+fine-tune), the simple average, task arithmetic and TIES (lambda chosen on the tasks' validation
+splits), Fisher merging, RegMean (alpha 0.9), layer-wise AdaMerging (initialised at the
+validation-chosen task-arithmetic lambda, coefficients clamped to [0, 1], Adam with the
+paper's lr 1e-3 for 30 epochs on the unlabelled validation inputs of all tasks) and the greedy soup of the fine-tunes (held out: the
+tasks' validation splits). Every accuracy is :func:`modelfuse.zoo.evaluate` on test data that no
+method selected or learned on.
+
+Usage: ``PYTHONPATH=src python benchmarks/multitask_merge.py [--seeds 0 1 2] [--family labels transforms]``
+(a few minutes on 2 CPU cores). ``tests/merge/test_multitask_figures.py`` imports this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics as stats
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from modelfuse.data import Splits, load
+from modelfuse.merge import (
+    fisher_information,
+    fisher_merge,
+    gram_matrices,
+    merge_state_dicts,
+    regmean_merge,
+)
+from modelfuse.merge.adamerging import adamerging
+from modelfuse.merge.soups import greedy_soup
+from modelfuse.zoo import create_model, evaluate, train
+
+LABEL_TASKS = {"0-3": [0, 1, 2, 3], "4-6": [4, 5, 6], "7-9": [7, 8, 9]}
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "original": lambda x: x,
+    "rotated 90": lambda x: torch.rot90(x, 1, dims=(-2, -1)).contiguous(),
+    "inverted": lambda x: 1.0 - x,
+}
+FAMILIES = ("labels", "transforms")
+ROWS = (
+    "pretrained",
+    "individual",
+    "jointly trained",
+    "simple average",
+    "task arithmetic",
+    "TIES",
+    "Fisher",
+    "RegMean",
+    "AdaMerging (layer)",
+    "greedy soup",
+)
+LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]
+HIDDEN = (256, 128)
+PRETRAIN_EPOCHS, BATCH = 1, 64
+#: fine-tuning epochs per family (and the jointly trained model's): the transformations start
+#: from a base that knows nothing of rotated or inverted digits and need longer
+FINETUNE_EPOCHS = {"labels": 3, "transforms": 8}
+
+
+@dataclasses.dataclass
+class Family:
+    """One family of tasks: the data each task trains on, its validation and test sets, and the base's data."""
+
+    names: list[str]
+    tasks: list[Splits]
+    pretrain: Splits
+    joint: Splits
+
+
+def _concat(parts: Sequence[TensorDataset]) -> TensorDataset:
+    return TensorDataset(*(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))))
+
+
+def _mapped(splits: Splits, fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Splits:
+    def one(ds: TensorDataset) -> TensorDataset:
+        x, y = ds.tensors
+        return TensorDataset(fn(x), y)
+
+    spec = {**splits.spec, "transform": name}
+    return dataclasses.replace(
+        splits, train=one(splits.train), val=one(splits.val), test=one(splits.test), spec=spec
+    )
+
+
+def _union(splits: Splits, tasks: Sequence[Splits]) -> Splits:
+    return dataclasses.replace(
+        splits,
+        train=_concat([t.train for t in tasks]),
+        val=_concat([t.val for t in tasks]),
+        test=_concat([t.test for t in tasks]),
+    )
+
+
+def _restrict_test(task: Splits, labels: Sequence[int]) -> Splits:
+    x, y = task.test.tensors
+    mask = torch.isin(y, torch.tensor(labels))
+    return dataclasses.replace(task, test=TensorDataset(x[mask], y[mask]))
+
+
+def family(name: str, *, transforms_base: str = "original") -> Family:
+    """The three tasks of ``name`` (``labels`` or ``transforms``) on digits."""
+    digits = load("digits")
+    if name == "labels":
+        tasks = [_restrict_test(digits.subset(labels=lab), lab) for lab in LABEL_TASKS.values()]
+        return Family(list(LABEL_TASKS), tasks, pretrain=digits, joint=digits)
+    if name == "transforms":
+        tasks = [_mapped(digits, fn, t) for t, fn in TRANSFORMS.items()]
+        union = _union(digits, tasks)
+        pretrain = union if transforms_base == "mix" else tasks[0]
+        return Family(list(TRANSFORMS), tasks, pretrain=pretrain, joint=union)
+    raise SystemExit(f"unknown family {name!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def _model(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=HIDDEN)
+
+
+def _with(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    m = copy.deepcopy(template)
+    m.load_state_dict(state)
+    return m
+
+
+def _accs(model: nn.Module, datasets: Sequence[TensorDataset]) -> list[float]:
+    return [float(evaluate(model, d)["accuracy"]) for d in datasets]
+
+
+def _pick_lambda(base: nn.Module, build: Callable[[float], dict], vals: Sequence[TensorDataset]) -> float:
+    """The lambda of LAMBDAS with the best mean validation accuracy over the tasks (first on ties)."""
+    scores = [stats.fmean(_accs(_with(base, build(lam)), vals)) for lam in LAMBDAS]
+    return LAMBDAS[max(range(len(LAMBDAS)), key=lambda i: scores[i])]
+
+
+def run(
+    name: str,
+    seed: int,
+    *,
+    transforms_base: str = "original",
+    ada_epochs: int = 30,
+    ada_lr: float = 1e-3,
+) -> dict[str, object]:
+    """Every row's test accuracy per task for one family and one seed, plus the chosen settings."""
+    fam = family(name, transforms_base=transforms_base)
+    base = _model(seed)
+    train(base, fam.pretrain, epochs=PRETRAIN_EPOCHS, seed=seed, batch_size=BATCH, progress=False)
+    base.eval()
+    members = []
+    for i, task in enumerate(fam.tasks):
+        m = copy.deepcopy(base)
+        train(m, task, epochs=FINETUNE_EPOCHS[name], seed=seed + 1 + i, batch_size=BATCH, progress=False)
+        members.append(m.eval())
+    joint = copy.deepcopy(base)
+    train(joint, fam.joint, epochs=FINETUNE_EPOCHS[name], seed=seed + 10, batch_size=BATCH, progress=False)
+    tests = [t.test for t in fam.tasks]
+    vals = [t.val for t in fam.tasks]
+    val_union = _concat(vals)
+    states = [m.state_dict() for m in members]
+
+    def ta(lam: float) -> dict:
+        return merge_state_dicts("task_arithmetic", states, base, lambda_=lam)
+
+    def ties(lam: float) -> dict:
+        return merge_state_dicts("ties", states, base, lambda_=lam, density=0.2)
+
+    lam_ta = _pick_lambda(base, ta, vals)
+    lam_ties = _pick_lambda(base, ties, vals)
+    loaders = [DataLoader(t.train, batch_size=256) for t in fam.tasks]
+    fishers = [fisher_information(m, dl, label="true") for m, dl in zip(members, loaders)]
+    grams = [gram_matrices(m, dl) for m, dl in zip(members, loaders)]
+    ada = adamerging(
+        base,
+        members,
+        TensorDataset(val_union.tensors[0]),
+        granularity="layer",
+        init=lam_ta,
+        lr=ada_lr,
+        epochs=ada_epochs,
+        seed=seed,
+        clamp=(0.0, 1.0),
+        progress=False,
+    )
+    soup = greedy_soup(members, val_union)
+    acc: dict[str, list[float]] = {
+        "pretrained": _accs(base, tests),
+        "individual": [_accs(m, [t])[0] for m, t in zip(members, tests)],
+        "jointly trained": _accs(joint, tests),
+        "simple average": _accs(_with(base, merge_state_dicts("linear", states)), tests),
+        "task arithmetic": _accs(_with(base, ta(lam_ta)), tests),
+        "TIES": _accs(_with(base, ties(lam_ties)), tests),
+        "Fisher": _accs(_with(base, fisher_merge(states, fishers)), tests),
+        "RegMean": _accs(_with(base, regmean_merge(states, grams, alpha=0.9)), tests),
+        "AdaMerging (layer)": _accs(ada.model, tests),
+        "greedy soup": _accs(soup.model, tests),
+    }
+    return {
+        "family": name,
+        "seed": seed,
+        "tasks": fam.names,
+        "acc": acc,
+        "lambda_ta": lam_ta,
+        "lambda_ties": lam_ties,
+        "ada_coefficients": ada.coefficients,
+        "soup_kept": soup.kept,
+    }
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def table(results: Sequence[dict[str, object]]) -> str:
+    """A markdown table: per row, each task's and the average's mean +/- std over seeds, then per seed."""
+    names = results[0]["tasks"]
+    seeds = [r["seed"] for r in results]
+    head = ["method", *names, "average", *[f"avg seed {s}" for s in seeds]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in ROWS:
+        per_seed = [r["acc"][row] for r in results]
+        cells = [row]
+        for j in range(len(names)):
+            v = [100 * a[j] for a in per_seed]
+            cells.append(f"{stats.fmean(v):.1f} ± {stats.pstdev(v):.1f}")
+        avg = [100 * mean(a) for a in per_seed]
+        cells.append(f"**{stats.fmean(avg):.1f} ± {stats.pstdev(avg):.1f}**")
+        cells += [f"{v:.1f}" for v in avg]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--family", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--transforms-base", choices=("original", "mix"), default="original")
+    p.add_argument("--ada-epochs", type=int, default=30)
+    args = p.parse_args(argv)
+    print(machine())
+    for name in args.family:
+        start = time.perf_counter()
+        results = [
+            run(name, s, transforms_base=args.transforms_base, ada_epochs=args.ada_epochs) for s in args.seeds
+        ]
+        base_note = f", base pretrained on {args.transforms_base}" if name == "transforms" else ""
+        print(f"\n### {name} (test accuracy %, mean ± std over seeds {args.seeds}{base_note})\n")
+        print(table(results))
+        for r in results:
+            coef = r["ada_coefficients"]
+            print(
+                f"seed {r['seed']}: lambda TA {r['lambda_ta']}, TIES {r['lambda_ties']}; AdaMerging "
+                f"coefficients per task (mean over layers) {[round(float(c), 2) for c in coef.mean(1)]}; "
+                f"greedy soup kept {r['soup_kept']}"
+            )
+        print(f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

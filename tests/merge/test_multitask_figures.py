@@ -1,0 +1,113 @@
+"""Issue 16's digits multi-task table: the floors that hold, with margin, on every seed.
+
+One pretrained zoo MLP fine-tuned on three tasks (label subsets 0-3 / 4-6 / 7-9; input
+transformations original / rotated 90 / inverted), merged by every method of the table in
+``benchmarks/multitask_merge.py`` (imported from there, so the test checks the figures the
+benchmark prints). Accuracy is on test samples no method selected or learned on.
+
+Floors (issue 16, measured here over seeds 0-2; benchmarks/RESULTS.md has the table):
+
+- RegMean beats the simple average on every seed, on both families;
+- on the transformations RegMean beats task arithmetic (lambda chosen on validation) by at
+  least 20 points on every seed;
+- on the transformations task arithmetic beats the pretrained model on every seed, and no
+  merge reaches the jointly trained model.
+
+Not asserted, because they did not hold in this setup (the table shows it):
+
+- on the label subsets, task arithmetic did not beat the pretrained base on every seed, and
+  RegMean came above the jointly trained model on one seed;
+- layer-wise AdaMerging beating task arithmetic on the transformations: with one shared
+  10-class head every fine-tune is confident on every input, so lower entropy does not mean
+  higher accuracy, and entropy minimisation moves the coefficients from the validation-chosen
+  lambda to worse accuracy (also with a base pretrained on a mix of the transformations).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SEEDS = (0, 1, 2)
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "multitask_merge.py"
+    spec = importlib.util.spec_from_file_location("multitask_merge", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench()
+
+
+@pytest.fixture(scope="module")
+def results(bench):
+    return {name: [bench.run(name, seed) for seed in SEEDS] for name in bench.FAMILIES}
+
+
+def _avg(result, row: str) -> float:
+    values = result["acc"][row]
+    return 100 * sum(values) / len(values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["labels", "transforms"])
+def test_regmean_beats_simple_average_every_seed(results, name):
+    for r in results[name]:
+        assert _avg(r, "RegMean") > _avg(r, "simple average") + 0.5, (name, r["seed"], r["acc"])
+
+
+@pytest.mark.slow
+def test_regmean_beats_task_arithmetic_by_20_points_on_transformations(results):
+    for r in results["transforms"]:
+        assert _avg(r, "RegMean") >= _avg(r, "task arithmetic") + 20, (r["seed"], r["acc"])
+
+
+@pytest.mark.slow
+def test_task_arithmetic_beats_pretrained_every_seed_on_transformations(results):
+    name = "transforms"
+    for r in results[name]:
+        assert _avg(r, "task arithmetic") > _avg(r, "pretrained") + 1.0, (name, r["seed"], r["acc"])
+        assert r["lambda_ta"] > 0
+
+
+@pytest.mark.slow
+def test_no_merge_reaches_the_jointly_trained_model_on_transformations(results, bench):
+    name = "transforms"
+    for r in results[name]:
+        joint = _avg(r, "jointly trained")
+        for row in bench.ROWS:
+            if row in ("pretrained", "individual", "jointly trained"):
+                continue
+            assert _avg(r, row) < joint, (name, r["seed"], row, r["acc"])
+
+
+@pytest.mark.slow
+def test_table_has_every_row_task_and_seed(results, bench, capsys):
+    for name, rs in results.items():
+        text = bench.table(rs)
+        lines = text.splitlines()
+        assert len(lines) == 2 + len(bench.ROWS)
+        for row in bench.ROWS:
+            assert any(line.startswith(f"| {row} |") for line in lines)
+            for r in rs:
+                assert len(r["acc"][row]) == 3
+                assert all(0.0 <= a <= 1.0 for a in r["acc"][row])
+        # individual: each fine-tune on its own task beats the pretrained base there
+        for r in rs:
+            assert all(i > p for i, p in zip(r["acc"]["individual"], r["acc"]["pretrained"]))
+        with capsys.disabled():
+            print(f"\n{name}\n{text}")
+            for r in rs:
+                print(
+                    f"seed {r['seed']}: lambda TA {r['lambda_ta']}, TIES {r['lambda_ties']}, "
+                    f"AdaMerging mean coefficients {[round(float(c), 2) for c in r['ada_coefficients'].mean(1)]}"
+                )
