@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from modelfuse._durable import atomic_file
-from modelfuse.data.splits import Splits
+from modelfuse.data.splits import SPLITS, Splits
 from modelfuse.errors import ConfigError
-from modelfuse.merge.soups import SPLITS, check_same_shapes
+from modelfuse.io.states import check_same_shapes
 from modelfuse.zoo.train import evaluate
 
 __all__ = ["BarrierResult", "interpolate", "loss_barrier"]

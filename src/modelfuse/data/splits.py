@@ -13,6 +13,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from modelfuse.errors import ConfigError, DataError
 
+#: the split names every Splits has, in order
+SPLITS = ("train", "val", "test")
+
 
 @dataclass
 class Splits:
