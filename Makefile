@@ -15,7 +15,7 @@ $(BIN)/python:
 # Reinstall only when the dependencies or the C kernels change.
 $(STAMP): pyproject.toml setup.py src/modelfuse/merge/methods/_ckernels.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -e '.[vision,hf,dev,align]'
+	$(BIN)/python -m pip install -e '.[vision,hf,dev,align,mtl]'
 	touch $@
 
 install: $(STAMP)
