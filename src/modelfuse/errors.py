@@ -61,3 +61,11 @@ class FeatureError(FusionError):
 
 class AlignmentError(FusionError):
     """Two networks cannot be aligned as asked (different architectures, an untraceable model, bad permutations)."""
+
+
+class LossFusionError(FusionError):
+    """Task losses or gradients cannot be combined as asked (wrong count, non-finite values, no gradient)."""
+
+
+class ActivationError(FusionError):
+    """Activation functions cannot be mixed or replaced as asked (unknown names, nothing to replace)."""
