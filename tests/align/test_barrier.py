@@ -79,7 +79,7 @@ def test_split_of_splits_and_bad_inputs():
         loss_barrier(a, b, splits, points=1)
     with pytest.raises(ConfigError, match="split must be one of"):
         loss_barrier(a, b, splits, split="dev")
-    with pytest.raises(ConfigError, match=r"tensor 'weight' of model B is \(3, 4\)"):
+    with pytest.raises(ConfigError, match=r"tensor 'weight' has shape \(3, 4\) in model B"):
         loss_barrier(a, nn.Linear(4, 3), splits)
     with pytest.raises(ConfigError, match=r"cannot run on the 'test' data \(one input is \(4,\)\)"):
         loss_barrier(a, b, _data(d=4))

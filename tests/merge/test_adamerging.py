@@ -106,11 +106,11 @@ def test_bad_inputs(task_pool):
     ok = adamerging(base, models, data, split="test", allow_test=True, lr=0.0, epochs=1, max_examples=16)
     assert ok.split == "test"
     other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    with pytest.raises(ConfigError, match="model 1 does not have the architecture of the base"):
+    with pytest.raises(ConfigError, match=r"different architectures: tensor .* model 1"):
         adamerging(base, [models[0], other], data)
     wider = copy.deepcopy(base)
     wider.classifier = nn.Linear(32, 11)
-    with pytest.raises(ConfigError, match=r"tensor 'classifier.weight' of model 0 is \(11, 32\)"):
+    with pytest.raises(ConfigError, match=r"tensor 'classifier.weight' has shape \(11, 32\) in model 0"):
         adamerging(base, [wider], data)
     with pytest.raises(ConfigError, match="granularity"):
         adamerging(base, models, data, granularity="block")

@@ -189,3 +189,29 @@ def test_adamerging_recipe_equals_adamerging(tmp_path, splits, models):
         models[0], models[1:], splits, split="val", max_examples=64, epochs=2, lr=0.01, batch_size=32
     )
     _assert_same(_read(out), expected.model.state_dict())
+
+
+def test_plan_says_what_would_run_and_which_statistics_are_cached(tmp_path, models, capsys):
+    path = _recipe(tmp_path, "regmean", parameters={"alpha": 0.7})
+    out = tmp_path / "regmean.safetensors"
+    assert main(["-q", "merge", str(path), "-o", str(out), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith("data merge plan: regmean (alpha=0.7) over 3 model(s)\n")
+    assert f"digits, split val, at most {EXAMPLES} examples, batches of 64" in plan
+    assert plan.count("gram statistics to compute") == 3 and not out.exists()
+    assert main(["-q", "merge", str(path), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "merge", str(path), "-o", str(out), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.count("gram statistics cached in ") == 3
+    assert "(exists: refused without --force)" in plan
+
+
+def test_list_methods_lists_the_data_driven_methods(capsys):
+    assert main(["merge", "--list-methods"]) == 0
+    out = capsys.readouterr().out
+    data_part = out.split("data-driven methods")[1]
+    for name in ("fisher", "regmean", "adamerging", "greedy_soup"):
+        assert f"\n{name}\n" in data_part
+    assert "alpha=0.9" in data_part and "Matena & Raffel 2022" in data_part
+    assert "the test split needs data.allow_test: true" in data_part

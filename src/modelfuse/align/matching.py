@@ -15,6 +15,7 @@ from torch import fx, nn
 from modelfuse.align.permute import apply_permutation, permute_tensor
 from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec, trace
 from modelfuse.errors import AlignmentError, ConfigError
+from modelfuse.io.states import check_same_shapes
 from modelfuse.registry import Registry, check_options
 
 
@@ -29,20 +30,9 @@ class Matching:
 
 def check_same_architecture(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
     """Raise :class:`AlignmentError` naming the first state-dict entry where ``a`` and ``b`` differ."""
-    for key in list(a) + [k for k in b if k not in a]:
-        ta, tb = a.get(key), b.get(key)
-        if ta is None or tb is None:
-            which = "the reference model (to=)" if ta is None else "the model to align"
-            raise AlignmentError(
-                f"models have different architectures: {key!r} is missing from {which}; "
-                "only networks of one architecture can be aligned"
-            )
-        if ta.shape != tb.shape:
-            raise AlignmentError(
-                f"models have different architectures: {key!r} has shape {tuple(tb.shape)} in the model to "
-                f"align but {tuple(ta.shape)} in the reference model (to=); only networks of one "
-                "architecture can be aligned"
-            )
+    check_same_shapes(
+        [a, b], names=["the reference model (to=)", "the model to align"], dtypes=False, error=AlignmentError
+    )
 
 
 def _block(t: torch.Tensor, ref: AxisRef, size: int) -> torch.Tensor:

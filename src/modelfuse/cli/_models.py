@@ -34,6 +34,7 @@ def add_pair_arguments(p: argparse.ArgumentParser, *, split_default: str) -> Non
         "--data-option", action="append", default=[], metavar="KEY=VALUE", help="dataset option; repeatable"
     )
     p.add_argument(
+        # modelfuse.data.splits.SPLITS, spelled out: building the parser must not import torch
         "--split", choices=("train", "val", "test"), default=split_default, help="split (default %(default)s)"
     )
     p.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")

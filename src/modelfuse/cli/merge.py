@@ -168,6 +168,13 @@ def _print_methods() -> None:
         "does not use but another one does are ignored with a warning, as mergekit ignores them)\n"
     )
     print("\n\n".join(method_block(name) for name in list_methods()))
+    from modelfuse.merge.data_recipes import DATA_METHODS, describe_data_method
+
+    print(
+        "\n\ndata-driven methods (they run the models on data, so only from a recipe file with "
+        "architecture: and data: sections; see the README, 'Data-driven merges')\n"
+    )
+    print("\n\n".join(describe_data_method(name) for name in DATA_METHODS))
 
 
 def _fmt(value: Any) -> str:
@@ -184,10 +191,10 @@ def _run_data_recipe(args: argparse.Namespace, path: Any) -> int:
     from modelfuse.merge.data_recipes import merge_with_data
 
     if args.plan:
-        raise ConfigError(
-            f"{path}: --plan prints the per-tensor plan of the streaming methods; a data-driven recipe "
-            "has none (use --dry-run to check it)"
-        )
+        from modelfuse.merge.data_recipes import plan_data_recipe
+
+        print(plan_data_recipe(path, args.out))
+        return 0
     if not args.out:
         raise ConfigError("give the output with -o/--out (a folder, or a file ending in .safetensors)")
     start = time.perf_counter()

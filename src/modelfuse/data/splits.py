@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -13,8 +13,10 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from modelfuse.errors import ConfigError, DataError
 
+#: a split name, for type annotations and pydantic schemas
+SplitName = Literal["train", "val", "test"]
 #: the split names every Splits has, in order
-SPLITS = ("train", "val", "test")
+SPLITS: tuple[str, ...] = get_args(SplitName)
 
 
 @dataclass

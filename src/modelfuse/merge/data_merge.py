@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from modelfuse.errors import ConfigError
+from modelfuse.io.states import check_same_shapes
 from modelfuse.merge.methods.linear import linear
 from modelfuse.merge.statistics import Statistics, state_fingerprint
 
@@ -32,23 +33,7 @@ StatsLike = Statistics | Mapping[str, torch.Tensor]
 
 
 def _states(models: Sequence[StateLike], what: str) -> list[Mapping[str, torch.Tensor]]:
-    if len(models) < 1:
-        raise ConfigError(f"{what} needs at least one model")
-    states = [m.state_dict() if isinstance(m, nn.Module) else m for m in models]
-    first = states[0]
-    for i, s in enumerate(states[1:], start=1):
-        for name in first:
-            if name not in s:
-                raise ConfigError(f"{what}: model {i} has no tensor {name!r} (model 0 has it)")
-            if tuple(s[name].shape) != tuple(first[name].shape):
-                raise ConfigError(
-                    f"{what}: tensor {name!r} has shape {tuple(s[name].shape)} in model {i} but "
-                    f"{tuple(first[name].shape)} in model 0; the models must have one architecture"
-                )
-        extra = [n for n in s if n not in first]
-        if extra:
-            raise ConfigError(f"{what}: model {i} has tensor {extra[0]!r} that model 0 lacks")
-    return states
+    return check_same_shapes(models, what=what, dtypes=False)
 
 
 def _stats(

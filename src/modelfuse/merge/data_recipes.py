@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelfuse.config import read_yaml, validate
+from modelfuse.data.splits import SplitName
 from modelfuse.errors import ConfigError, DataError
 
 #: the merge methods a data recipe runs
@@ -63,6 +64,26 @@ _PER_MODEL: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "adamerging": {},
     "greedy_soup": {},
 }
+#: what each method is and does with its data (for --list-methods and plans)
+_ABOUT: dict[str, tuple[str, str]] = {
+    "fisher": (
+        "Matena & Raffel 2022, Merging models with Fisher-weighted averaging (eq. 3)",
+        "diagonal empirical Fisher of each model, from exact per-example gradients on the data",
+    ),
+    "regmean": (
+        "Jin et al. 2023, Dataless knowledge fusion by merging weights of language models (eq. 4; alpha scales "
+        "the off-diagonal Gram entries)",
+        "input Gram matrices of each Linear layer on the data",
+    ),
+    "adamerging": (
+        "Yang et al. 2024, AdaMerging: adaptive model merging for multi-task learning (eq. 6-8)",
+        "coefficients of the task vectors learned by entropy minimisation on the data's inputs (labels unused)",
+    ),
+    "greedy_soup": (
+        "Wortsman et al. 2022, Model soups (greedy soup, algorithm 1)",
+        "held-out accuracy of each ingredient and of each candidate soup on the data (labels used)",
+    ),
+}
 #: the methods that learn or select on the data: the test split needs data.allow_test
 _FITS_ON_DATA = ("adamerging", "greedy_soup")
 
@@ -75,7 +96,7 @@ class DataSection(_Strict):
     """Which data the method runs on: a dataset of :mod:`modelfuse.data`, a split, how many examples."""
 
     dataset: str
-    split: Literal["train", "val", "test"]
+    split: SplitName
     examples: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(default=64, ge=1)
@@ -158,6 +179,79 @@ def check_data_recipe(recipe: DataRecipe, source: str = "recipe") -> DataRecipe:
     if problems:
         raise ConfigError(f"{source}: invalid recipe: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
     return recipe
+
+
+def describe_data_method(name: str) -> str:
+    """One data-driven method's entry of ``modelfuse merge --list-methods``."""
+    paper, uses = _ABOUT[name]
+
+    def fields(table: Mapping[str, tuple[Any, Any]]) -> str:
+        return ", ".join(f"{k}={v[1]!r}" for k, v in table.items()) or "(none)"
+
+    base = "required (base_model: the checkpoint the models were fine-tuned from)" if name == "adamerging" else "none"
+    return "\n".join(
+        [
+            name,
+            f"  base: {base}; runs the models on data: the recipe needs architecture: and data: sections",
+            f"  data: {uses}" + ("; the test split needs data.allow_test: true" if name in _FITS_ON_DATA else ""),
+            f"  per-model parameters: {fields(_PER_MODEL[name])}",
+            f"  shared parameters: {fields(_PARAMETERS[name])}",
+            f"  paper: {paper}",
+            "  mergekit: (no such method in mergekit)",
+        ]
+    )
+
+
+def _statistics_dir(recipe: DataRecipe, out: str | os.PathLike | None) -> Path | None:
+    if recipe.statistics is not None:
+        return Path(recipe.statistics).expanduser()
+    if out is not None:
+        return Path(out).parent / f"{Path(out).name}.statistics"
+    return None
+
+
+def plan_data_recipe(
+    recipe: str | os.PathLike | Mapping[str, Any] | DataRecipe, out: str | os.PathLike | None = None
+) -> str:
+    """What a data recipe would do, without loading a model or the data: the method and its
+    parameters, the models, architecture and data, and which statistics are cached already."""
+    if isinstance(recipe, DataRecipe):
+        parsed = check_data_recipe(recipe)
+    elif isinstance(recipe, Mapping):
+        parsed = parse_data_recipe(dict(recipe))
+    else:
+        parsed = parse_data_recipe(read_yaml(Path(recipe)), str(recipe))
+    m = parsed.merge_method
+    params = {k: parsed.parameter(k) for k in _PARAMETERS[m]}
+    shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+    d = parsed.data
+    examples = "every example" if d.examples is None else f"at most {d.examples} examples"
+    options = f" {d.options}" if d.options else ""
+    lines = [
+        f"data merge plan: {m}" + (f" ({shown})" if shown else "") + f" over {len(parsed.models)} model(s)",
+        f"  paper: {_ABOUT[m][0]}",
+        f"  data: {d.dataset}{options}, split {d.split}, {examples}, batches of {d.batch_size}: {_ABOUT[m][1]}",
+        f"  architecture: {parsed.architecture.name} {parsed.architecture.options or ''}".rstrip(),
+    ]
+    if parsed.base_model is not None:
+        lines.append(f"  base model: {parsed.base_model}")
+    folder = _statistics_dir(parsed, out)
+    kind = {"fisher": "fisher", "regmean": "gram"}.get(m)
+    for entry in parsed.models:
+        line = f"  model: {entry.model}"
+        if entry.parameters:
+            line += f" {entry.parameters}"
+        if kind is not None:
+            path = folder / _statistics_key(parsed, entry.model, kind) if folder is not None else None
+            if path is not None and path.exists():
+                line += f"; {kind} statistics cached in {path} (fingerprint checked when merging)"
+            else:
+                line += f"; {kind} statistics to compute" + (f", then cached in {folder}" if folder else "")
+        lines.append(line)
+    if out is not None:
+        exists = Path(out).exists()
+        lines.append(f"  output: {out}" + (" (exists: refused without --force)" if exists else ""))
+    return "\n".join(lines)
 
 
 def is_data_recipe(recipe: Any) -> bool:
@@ -341,12 +435,7 @@ def merge_with_data(
     models = _load_models(parsed, refs, splits, folder, device)
     where = f"data {parsed.data.dataset!r} split {parsed.data.split!r}"
     check_inputs_fit(models[0], dataset, where, device)
-    if parsed.statistics is not None:
-        stats_dir = Path(parsed.statistics).expanduser()
-    elif out is not None:
-        stats_dir = Path(out).parent / f"{Path(out).name}.statistics"
-    else:
-        stats_dir = None
+    stats_dir = _statistics_dir(parsed, out)
     m = parsed.merge_method
     report: dict[str, Any] = {"method": m, "models": refs, "examples": len(dataset)}
     to_save: list[tuple[Any, Path]] = []
