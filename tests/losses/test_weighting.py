@@ -193,6 +193,25 @@ def test_dwa_with_absent_tasks_and_manual_epochs():
     np.testing.assert_allclose(f.weights_.numpy(), K * _softmax(np.array([0.5, 0.5, 1.0]) / 2.0), rtol=1e-9)
 
 
+def test_dwa_closes_epochs_as_a_zoo_train_callback():
+    data = _two_regressions(0, 200, (0.1, 0.1))
+    model = _two_head_regressor(0)
+    fusion = get_loss_fusion("dwa")(num_tasks=2)
+    steps = []  # (task losses, weights used), 4 steps an epoch
+
+    def backward(losses):
+        total = fusion.backward(losses)
+        steps.append((losses.detach().double().numpy(), fusion.weights_.double().numpy()))
+        return total
+
+    train(model, data, epochs=4, seed=0, batch_size=50, loss=_mse_pair, backward=backward, callbacks=[fusion])
+    epochs = np.repeat(np.arange(4), 4)
+    means = [np.mean([s[0] for s, e in zip(steps, epochs, strict=True) if e == k], axis=0) for k in range(4)]
+    for (_, w), e in zip(steps, epochs, strict=True):
+        expected = np.ones(2) if e < 2 else 2 * _softmax(means[e - 1] / means[e - 2] / 2.0)
+        np.testing.assert_allclose(w, expected, rtol=1e-6)
+
+
 def test_rlw_is_a_softmax_of_seeded_normal_draws():
     f = get_loss_fusion("rlw")(num_tasks=K, seed=7)
     gen = torch.Generator().manual_seed(7)  # one (K,) draw per step, as the method draws them
@@ -340,7 +359,7 @@ def _mse_pair(model, batch, scale2: float = 1.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_uncertainty_learns_the_noise_variance_ratio(seed):
-    """Noise sigma 1 and 3: the learned weights' ratio must be 9 within 20% (measured 8.2 to 9.2, seeds 0-4)."""
+    """Noise sigma 1 and 3: the learned weights' ratio must be 9 within 20% (measured 8.24 to 9.23, seeds 0-5)."""
     data = _two_regressions(seed, 2000, (1.0, 3.0))
     model = _two_head_regressor(seed)
     fusion = get_loss_fusion("uncertainty")(num_tasks=2)
@@ -353,9 +372,10 @@ def test_uncertainty_learns_the_noise_variance_ratio(seed):
 @pytest.mark.parametrize(("alpha", "seed"), [(0.0, 0), (0.0, 1), (1.5, 0), (1.5, 1)])
 def test_gradnorm_brings_gradient_norms_100x_apart_together(alpha, seed):
     """Two tasks of one difficulty, the second's loss scaled by 100: the weighted gradient norms at
-    the last shared layer start ~100x apart (measured 115-132). Over the last epoch (geometric
-    mean of the per-step ratios) alpha = 0 (target: equal norms) brings them to 0.81-0.84 and the
-    paper's alpha = 1.5 to 1.2-4.2 (seeds 0-2); asserted: within 2x of 1 for alpha 0, and 10x closer for 1.5.
+    the last shared layer start ~100x apart (measured 72-132 at the first step). Over the last
+    epoch (geometric mean of the per-step ratios) alpha = 0 (target: equal norms) brings them to
+    0.77-1.16 and the paper's alpha = 1.5 to 1.12-3.46 (seeds 0-5; alpha > 0 lets the task that
+    trains slower keep a larger norm); asserted: within 2x of 1 for alpha 0, 10x closer for 1.5.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1000, 5, generator=g)
@@ -385,6 +405,7 @@ def test_gradnorm_brings_gradient_norms_100x_apart_together(alpha, seed):
 
 
 def test_the_module_docstring_example_runs_and_learns_both_tasks():
+    """Measured: test accuracy 0.961 (digit), 0.958 (parity, trained on half its labels); floor 0.9."""
     code = re.search(r"tests/losses/test_weighting.py\)::\n\n(.*?)\n\"?$", weighting_module.__doc__, re.S)
     assert code is not None
     snippet = "\n".join(line[4:] for line in code.group(1).splitlines())

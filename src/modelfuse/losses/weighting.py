@@ -325,9 +325,10 @@ class DynamicWeightAverage(_Weighting):
     L_k(t-2)``, where ``L_k(t)`` is task k's loss averaged over epoch t; ``w_k = 1`` (equal
     weights) until two epochs are complete. ``temperature`` T = 2 in the paper.
 
-    An epoch here is closed by :meth:`end_epoch` (call it at each epoch end, e.g. from a
-    :class:`modelfuse.zoo.Callback`'s ``on_epoch_end``) or, with ``steps_per_epoch``,
-    automatically after that many training steps. Losses are recorded at each call in training
+    An epoch here is closed by :meth:`end_epoch` (call it at each epoch end; in
+    :func:`modelfuse.zoo.train` pass the fusion itself among the ``callbacks``: its
+    ``on_epoch_end`` hook calls it) or, with ``steps_per_epoch``, automatically after that many
+    training steps. Losses are recorded at each call in training
     mode (``fusion.train()``, the default). With ``present``: a task's epoch average is over
     the steps where it was present (an epoch where it never was leaves its history unchanged),
     and the softmax runs over the present tasks, scaled by their count.
@@ -378,6 +379,10 @@ class DynamicWeightAverage(_Weighting):
         self.epoch_sum.zero_()
         self.epoch_count.zero_()
         self.steps_in_epoch = 0
+
+    def on_epoch_end(self, state: Any) -> None:
+        """The :func:`modelfuse.zoo.train` callback hook: ``callbacks=[fusion]`` closes each epoch."""
+        self.end_epoch()
 
 
 @register_loss_fusion("rlw")
