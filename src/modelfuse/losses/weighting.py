@@ -387,11 +387,13 @@ class DynamicWeightAverage(_Weighting):
 
 @register_loss_fusion("rlw")
 class RandomLossWeighting(_Weighting):
-    """Random loss weighting (Lin, Ye, Xu, Shi & Zhang, TMLR 2022 / arXiv 2111.10603 (2021), sec. 3).
+    """Random loss weighting (Lin, Ye, Zhang & Tsang, "Reasonable effectiveness of random weighting:
+    a litmus test for multi-task learning", arXiv 2111.10603 (2021), TMLR 2022).
 
-    At every step ``lambda = softmax(eps)`` with ``eps ~ N(0, I_K)`` drawn from the module's own
-    generator seeded with ``seed`` (the global RNG is untouched); the weights sum to 1, as in
-    the paper (the softmax over the present tasks only, when some are absent).
+    At every step ``lambda = softmax(eps)`` with ``eps ~ N(0, I_K)`` (the paper's default; it
+    also studies other sampling distributions) drawn from the module's own generator seeded
+    with ``seed`` (the global RNG is untouched); the weights sum to 1, as in the paper (the
+    softmax over the present tasks only, when some are absent).
     """
 
     weights_sum = "one"
