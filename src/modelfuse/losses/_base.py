@@ -149,11 +149,15 @@ class LossFusion(nn.Module):
 
     Subclasses set ``uses_gradients`` and implement ``forward`` (weightings: combined loss)
     or ``combine_gradients`` (gradient methods: (K, P) Jacobian -> (P,) update direction).
-    ``weights_`` holds the (K,) task weights of the last step where the method defines them.
+    ``weights_`` holds the (K,) task weights of the last step where the method defines them
+    (0 for tasks absent that step). ``weights_sum`` says how the method normalises them:
+    ``"tasks"`` (the present tasks' weights sum to the number of present tasks, K when all
+    are present), ``"one"`` (they sum to 1) or None (no normalisation, e.g. fixed weights).
     """
 
     name: ClassVar[str] = ""
     uses_gradients: ClassVar[bool] = False
+    weights_sum: ClassVar[str | None] = None
 
     def __init__(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
         super().__init__()

@@ -26,7 +26,8 @@ from modelfuse.progress import progress as progress_bar
 from modelfuse.zoo.metrics import accuracy_nll
 
 Batch = tuple[Any, ...]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], Any]
+BackwardFn = Callable[[Any], Any]
 OptimizerArg = str | Callable[[Any], torch.optim.Optimizer]
 ScheduleArg = str | Callable[[torch.optim.Optimizer, int], Any] | None
 
@@ -112,6 +113,7 @@ def train(
     weight_decay: float = 0.0,
     schedule: ScheduleArg = "constant",
     loss: LossFn | None = None,
+    backward: BackwardFn | None = None,
     param_groups: Sequence[Any] | None = None,
     callbacks: Iterable[Callback] = (),
     device: str | torch.device = "cpu",
@@ -129,6 +131,17 @@ def train(
     - ``schedule``: per-step ``"constant"``, ``"cosine"`` (to 0), ``"onecycle"`` or
       ``f(optimizer, total_steps) -> LRScheduler``.
     - ``loss(model, batch) -> Tensor`` replaces cross-entropy on ``(x, y)`` batches.
+    - ``backward(output) -> objective`` replaces ``output.backward()``: it receives whatever
+      ``loss`` returned (e.g. the K task losses, or ``(losses, present)``), must fill the
+      gradients and return the combined objective it back-propagated (a scalar tensor or a
+      float). A loss fusion trains through it::
+
+          fusion = get_loss_fusion("uncertainty")(num_tasks=2)
+          train(model, data, loss=task_losses, backward=fusion.backward,
+                param_groups=[*model.parameters(), *fusion.parameters()], ...)
+
+      The logged loss (``TrainState.loss``, history ``train_loss``) is always the float of the
+      combined objective: ``loss``'s output by default, ``backward``'s return value otherwise.
     - ``param_groups``: what the optimizer updates (parameters or dicts with their own
       ``lr``); parameters left out stay frozen. Default: every parameter that requires grad.
     - With a Splits, val accuracy/NLL are recorded each epoch unless ``eval_every_epoch=False``.
@@ -183,8 +196,7 @@ def train(
                     model.zero_grad(set_to_none=True)
                     opt.zero_grad(set_to_none=True)
                     value = loss_fn(model, batch)
-                    value.backward()
-                    state.loss, state.batch = float(value.detach()), batch
+                    state.loss, state.batch = _backward(value, backward), batch
                     _call(callbacks, "before_step", state)
                     if max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -336,6 +348,23 @@ class _Batches:
         for i in range(len(self)):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
             yield tuple(t[idx] for t in tensors)
+
+
+def _backward(value: Any, backward: BackwardFn | None) -> float:
+    """Back-propagate one step's loss output; the float of the combined objective, for logging."""
+    if backward is None:
+        value.backward()
+        return float(value.detach())
+    combined = backward(value)
+    if isinstance(combined, torch.Tensor) and combined.numel() == 1:
+        return float(combined.detach())
+    if isinstance(combined, (int, float)) and not isinstance(combined, bool):
+        return float(combined)
+    found = tuple(combined.shape) if isinstance(combined, torch.Tensor) else type(combined).__name__
+    raise ConfigError(
+        f"train(backward=...) must return the combined objective it back-propagated (a scalar tensor or "
+        f"a float, logged as the training loss), found {found}; e.g. LossFusion.backward returns it"
+    )
 
 
 def _seed_forked(seed: int, cuda: list[int]) -> None:
