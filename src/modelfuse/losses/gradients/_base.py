@@ -1,0 +1,175 @@
+"""The base of gradient methods: K task gradients w.r.t. the shared parameters -> one update.
+
+:class:`GradientFusion.backward` takes each present task's gradient with respect to the
+shared parameters (one ``torch.autograd.grad`` per task, the graph retained), flattens them
+into a (K, P) Jacobian ``J``, asks :meth:`GradientFusion.combine_gradients` for the (P,)
+update direction and adds it to the parameters' ``.grad`` (accumulating like autograd).
+
+Every method here is a *weighting of the rows of J*: ``combine_gradients(J)`` is
+``task_weights(J) @ J``, and ``weights_`` holds those combination coefficients (K,), with 0
+for tasks absent from the batch. The weights are computed in float64 from the Gramian
+``J @ J.T`` (K x K, on the CPU), which is all these methods look at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelfuse.errors import LossFusionError
+from modelfuse.losses._base import LossFusion
+
+__all__ = ["GradientFusion", "named_parameters_of"]
+
+
+def named_parameters_of(
+    parameters: nn.Module | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None, role: str
+) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of a module, of ``named_parameters()`` or of plain tensors (named by position)."""
+    if parameters is None:
+        return []
+    if isinstance(parameters, nn.Module):
+        return list(parameters.named_parameters())
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    out = []
+    for i, item in enumerate(parameters):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            name, tensor = str(item[0]), item[1]
+        elif isinstance(item, torch.Tensor):
+            name, tensor = f"{role} parameter #{i} (shape {tuple(item.shape)})", item
+        else:
+            raise LossFusionError(
+                f"{role} parameters must be tensors, (name, tensor) pairs or a module; item {i} is {type(item).__name__}"
+            )
+        if not tensor.requires_grad:
+            raise LossFusionError(
+                f"{role} parameter {name!r} does not require grad; pass only trainable parameters"
+            )
+        out.append((name, tensor))
+    return out
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(dtype=param.dtype).view_as(param)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+class GradientFusion(LossFusion):
+    """Base of the gradient-combination methods (``uses_gradients = True``).
+
+    Subclasses implement :meth:`task_weights` ((K, K) float64 Gramian and the (K, P) Jacobian
+    -> (K,) float64 weights); :meth:`combine_gradients` is then ``weights @ J``.
+    """
+
+    uses_gradients = True
+
+    def task_weights(self, gramian: np.ndarray, jacobian: torch.Tensor) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def combine_gradients(self, jacobian: torch.Tensor) -> torch.Tensor:
+        """The (P,) update direction from the (K, P) Jacobian of the present tasks' losses.
+
+        Pure apart from the method's random generator (PCGrad) and ``last_weights_``, which
+        holds the (K,) coefficients with ``direction = last_weights_ @ jacobian``.
+        """
+        if not isinstance(jacobian, torch.Tensor) or jacobian.dim() != 2 or jacobian.shape[0] < 1:
+            shape = tuple(jacobian.shape) if isinstance(jacobian, torch.Tensor) else type(jacobian).__name__
+            raise LossFusionError(
+                f"the Jacobian must be a (tasks, parameters) matrix with at least one row, found {shape}"
+            )
+        finite = torch.isfinite(jacobian).all(dim=1)
+        if not bool(finite.all()):
+            k = int((~finite).nonzero()[0, 0])
+            raise LossFusionError(
+                f"row {k} of the Jacobian (a task's gradient) holds NaN or infinite values; "
+                "check that task's loss for overflow and lower the learning rate"
+            )
+        j64 = jacobian.detach().to(device="cpu", dtype=torch.float64)
+        gramian = (j64 @ j64.T).numpy()
+        weights = np.asarray(self.task_weights(gramian, jacobian.detach()), dtype=np.float64)
+        if weights.shape != (jacobian.shape[0],) or not np.all(np.isfinite(weights)):
+            raise LossFusionError(  # a bug in a method, never the user's input
+                f"{self.name or type(self).__name__} produced weights {weights!r} for {jacobian.shape[0]} tasks"
+            )
+        w = torch.from_numpy(weights).to(device=jacobian.device, dtype=jacobian.dtype)
+        self.last_weights_ = w
+        return w @ jacobian.detach()
+
+    def backward(
+        self,
+        losses: Sequence[torch.Tensor] | torch.Tensor,
+        *,
+        shared_parameters: Any = None,
+        task_parameters: Any = None,
+        present: Any = None,
+    ) -> torch.Tensor:
+        """Write the combined gradient of the shared parameters into their ``.grad``.
+
+        ``shared_parameters``: a module, ``named_parameters()`` or tensors (required).
+        ``task_parameters``: task-specific parameters (heads); they receive the gradient of
+        the plain sum of the present tasks' losses. When left out they receive nothing: pass
+        them, or back-propagate the heads yourself. ``present``: (K,) booleans, tasks absent
+        from this batch (no labelled sample) are dropped from the Jacobian and get weight 0.
+        Returns ``sum_k weights_[k] * loss_k`` (detached), for logging.
+        """
+        stacked = self.check(losses)
+        shared = named_parameters_of(shared_parameters, "shared")
+        if not shared:
+            raise LossFusionError(
+                f"{self.name or type(self).__name__} combines gradients w.r.t. the shared parameters: "
+                "pass shared_parameters=model.trunk.parameters() (or the module) to backward()"
+            )
+        heads = named_parameters_of(task_parameters, "task")
+        shared_ids = {id(t) for _, t in shared}
+        for name, t in heads:
+            if id(t) in shared_ids:
+                raise LossFusionError(
+                    f"parameter {name!r} is passed both as shared and as task-specific; pick one"
+                )
+        present_mask = self._present(present, stacked)
+        tasks = [int(k) for k in present_mask.nonzero().flatten()]
+        params = [t for _, t in shared]
+        weights = torch.zeros(self.num_tasks, dtype=stacked.dtype, device=stacked.device)
+        if tasks:
+            rows = []
+            reached = [False] * len(params)
+            for k in tasks:
+                grads = torch.autograd.grad(stacked[k], params, retain_graph=True, allow_unused=True)
+                row = []
+                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    if g is None:
+                        g = torch.zeros_like(p)
+                    else:
+                        reached[i] = True
+                    row.append(g.reshape(-1))
+                rows.append(torch.cat(row))
+            missing = [name for (name, _), ok in zip(shared, reached, strict=True) if not ok]
+            if missing:
+                raise LossFusionError(
+                    f"shared parameter(s) {', '.join(repr(m) for m in missing)} received no gradient from any "
+                    f"present task ({len(tasks)} of {self.num_tasks}); pass only parameters the losses depend on"
+                )
+            jacobian = torch.stack(rows)
+            direction = self.combine_gradients(jacobian)
+            weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
+            start = 0
+            for p in params:
+                n = p.numel()
+                _accumulate(p, direction[start : start + n])
+                start += n
+            if heads:
+                head_params = [t for _, t in heads]
+                grads = torch.autograd.grad(stacked[tasks].sum(), head_params, allow_unused=True)
+                for p, g in zip(head_params, grads, strict=True):
+                    if g is not None:
+                        _accumulate(p, g)
+        self.weights_ = weights.detach()
+        return (weights * stacked.detach()).sum()
