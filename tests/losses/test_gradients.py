@@ -430,3 +430,24 @@ def test_missing_extra_names_the_pip_command(name, module, monkeypatch):
             monkeypatch.setitem(sys.modules, key, None)
     with pytest.raises(MissingExtraError, match=r"pip install 'modelfuse\[mtl\]'"):
         get_loss_fusion(name)(2)
+
+
+def test_pcgrad_generator_state_travels_with_the_state_dict():
+    j = rand_jacobian(4, 5, 0)
+    j[1] = -j[0] + 0.2 * j[1]
+    j[3] = -j[2] + 0.2 * j[3]
+    first = get_loss_fusion("pcgrad")(4, seed=5)
+    first.combine_gradients(j)
+    saved = first.state_dict()
+    expected = first.combine_gradients(j)
+    resumed = get_loss_fusion("pcgrad")(4, seed=99)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.combine_gradients(j), expected)
+
+
+def test_gramian_in_blocks_equals_the_plain_product():
+    from modelfuse.losses.gradients import gramian_of
+
+    j = rand_jacobian(3, 1000, 0).float()
+    exact = j.double() @ j.double().T
+    assert np.allclose(gramian_of(j, chunk=7), exact.numpy(), rtol=1e-12)

@@ -6,7 +6,7 @@ itself with :func:`modelfuse.losses.register_loss_fusion`: ``pcgrad``, ``mgda``,
 (``pip install 'modelfuse[mtl]'``); the others need only NumPy.
 """
 
-from modelfuse.losses.gradients._base import GradientFusion, named_parameters_of
+from modelfuse.losses.gradients._base import GradientFusion, gramian_of, named_parameters_of
 from modelfuse.losses.gradients.cagrad import CAGrad, cagrad_weights
 from modelfuse.losses.gradients.imtl_g import IMTLG
 from modelfuse.losses.gradients.mgda import MGDA, min_norm_weights
@@ -21,6 +21,7 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "cagrad_weights",
+    "gramian_of",
     "min_norm_weights",
     "named_parameters_of",
     "nash_weights",

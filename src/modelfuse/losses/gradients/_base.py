@@ -23,7 +23,7 @@ from torch import nn
 from modelfuse.errors import LossFusionError
 from modelfuse.losses._base import LossFusion
 
-__all__ = ["GradientFusion", "named_parameters_of"]
+__all__ = ["GradientFusion", "gramian_of", "named_parameters_of"]
 
 
 def named_parameters_of(
@@ -52,6 +52,16 @@ def named_parameters_of(
             )
         out.append((name, tensor))
     return out
+
+
+def gramian_of(jacobian: torch.Tensor, chunk: int = 1 << 22) -> np.ndarray:
+    """``J @ J.T`` in float64 on J's device, a block of columns at a time (bounded extra memory), as NumPy."""
+    k, p = jacobian.shape
+    gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+    for start in range(0, p, chunk):
+        block = jacobian[:, start : start + chunk].to(torch.float64)
+        gram += block @ block.T
+    return gram.cpu().numpy()
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -92,8 +102,7 @@ class GradientFusion(LossFusion):
                 f"row {k} of the Jacobian (a task's gradient) holds NaN or infinite values; "
                 "check that task's loss for overflow and lower the learning rate"
             )
-        j64 = jacobian.detach().to(device="cpu", dtype=torch.float64)
-        gramian = (j64 @ j64.T).numpy()
+        gramian = gramian_of(jacobian.detach())
         weights = np.asarray(self.task_weights(gramian, jacobian.detach()), dtype=np.float64)
         if weights.shape != (jacobian.shape[0],) or not np.all(np.isfinite(weights)):
             raise LossFusionError(  # a bug in a method, never the user's input

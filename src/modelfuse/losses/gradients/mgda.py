@@ -90,5 +90,7 @@ class MGDA(GradientFusion):
     more tasks: this one is exact. Construct with ``num_tasks`` alone.
     """
 
+    weights_sum = "one"
+
     def task_weights(self, gramian, jacobian):
         return min_norm_weights(gramian)

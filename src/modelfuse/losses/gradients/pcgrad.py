@@ -55,6 +55,13 @@ class PCGrad(GradientFusion):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The generator's state, so that a checkpointed run resumes with the same task orders."""
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
     def task_weights(self, gramian, jacobian):
         k = gramian.shape[0]
         orders = [torch.randperm(k, generator=self.generator).tolist() for _ in range(k)]
