@@ -451,3 +451,29 @@ def test_gramian_in_blocks_equals_the_plain_product():
     j = rand_jacobian(3, 1000, 0).float()
     exact = j.double() @ j.double().T
     assert np.allclose(gramian_of(j, chunk=7), exact.numpy(), rtol=1e-12)
+
+
+def test_mgda_ub_takes_the_weights_from_the_representation():
+    # Sener & Koltun Sec. 3.3: alpha from the gradients w.r.t. Z; the parameters get grad of sum alpha_k L_k.
+    model = TwoHeads()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
+    shared = list(model.trunk.parameters())
+    z = model.trunk(x)
+    losses = [model.head_a(z).pow(2).mean(), (model.head_b(z) - 1).abs().mean()]
+    g1, g2 = (torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses)
+    # the paper's closed form for two tasks (Algorithm 1): alpha = [(g2 - g1).g2 / |g1 - g2|^2] clipped to [0, 1]
+    a = float(((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1))
+    expected = torch.autograd.grad(a * losses[0] + (1 - a) * losses[1], shared, retain_graph=True)
+    fusion = get_loss_fusion("mgda")(2)
+    out = fusion.backward(losses, shared_parameters=shared, representation=z)
+    assert torch.allclose(fusion.weights_, torch.tensor([a, 1 - a]), atol=1e-6)
+    for p, g in zip(shared, expected, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    assert torch.allclose(out, a * losses[0].detach() + (1 - a) * losses[1].detach(), atol=1e-6)
+    # a representation that no loss depends on is named
+    z = model.trunk(x)
+    losses = [model.head_a(z).pow(2).mean(), (model.head_b(z) - 1).abs().mean()]
+    with pytest.raises(
+        LossFusionError, match=r"\(s\) 'representation #1 \(shape \(8, 3\)\)' received no gradient"
+    ):
+        fusion.backward(losses, shared_parameters=shared, representation=[z, model.trunk(x) * 2])

@@ -64,6 +64,17 @@ def gramian_of(jacobian: torch.Tensor, chunk: int = 1 << 22) -> np.ndarray:
     return gram.cpu().numpy()
 
 
+def _check_reached(
+    named: list[tuple[str, torch.Tensor]], reached: list[bool], role: str, source: str
+) -> None:
+    missing = [name for (name, _), ok in zip(named, reached, strict=True) if not ok]
+    if missing:
+        raise LossFusionError(
+            f"{role}(s) {', '.join(repr(m) for m in missing)} received no gradient from {source}; "
+            "pass only tensors the losses depend on"
+        )
+
+
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
     grad = grad.to(dtype=param.dtype).view_as(param)
     if param.grad is None:
@@ -112,6 +123,26 @@ class GradientFusion(LossFusion):
         self.last_weights_ = w
         return w @ jacobian.detach()
 
+    def _jacobian(
+        self, stacked: torch.Tensor, tasks: list[int], named: list[tuple[str, torch.Tensor]], role: str
+    ) -> torch.Tensor:
+        """(K', P) gradients of the present tasks' losses w.r.t. ``named``; unreached tensors raise."""
+        tensors = [t for _, t in named]
+        rows = []
+        reached = [False] * len(tensors)
+        for k in tasks:
+            grads = torch.autograd.grad(stacked[k], tensors, retain_graph=True, allow_unused=True)
+            row = []
+            for i, (t, g) in enumerate(zip(tensors, grads, strict=True)):
+                if g is None:
+                    g = torch.zeros_like(t)
+                else:
+                    reached[i] = True
+                row.append(g.reshape(-1))
+            rows.append(torch.cat(row))
+        _check_reached(named, reached, role, f"any present task ({len(tasks)} of {self.num_tasks})")
+        return torch.stack(rows)
+
     def backward(
         self,
         losses: Sequence[torch.Tensor] | torch.Tensor,
@@ -119,6 +150,7 @@ class GradientFusion(LossFusion):
         shared_parameters: Any = None,
         task_parameters: Any = None,
         present: Any = None,
+        representation: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Write the combined gradient of the shared parameters into their ``.grad``.
 
@@ -127,7 +159,11 @@ class GradientFusion(LossFusion):
         the plain sum of the present tasks' losses. When left out they receive nothing: pass
         them, or back-propagate the heads yourself. ``present``: (K,) booleans, tasks absent
         from this batch (no labelled sample) are dropped from the Jacobian and get weight 0.
-        Returns ``sum_k weights_[k] * loss_k`` (detached), for logging.
+        ``representation``: the shared representation (the trunk's output tensor(s) in this
+        step's graph). When given, the weights come from the tasks' gradients with respect to
+        it -- Sener & Koltun's "upper bound" (MGDA-UB), one backward pass through the trunk
+        instead of K -- and the shared parameters receive the gradient of
+        ``sum_k weights_k loss_k``. Returns that weighted sum (detached), for logging.
         """
         stacked = self.check(losses)
         shared = named_parameters_of(shared_parameters, "shared")
@@ -143,37 +179,36 @@ class GradientFusion(LossFusion):
                 raise LossFusionError(
                     f"parameter {name!r} is passed both as shared and as task-specific; pick one"
                 )
+        reps = None
+        if representation is not None:
+            items = [representation] if isinstance(representation, torch.Tensor) else list(representation)
+            reps = named_parameters_of(
+                [(f"representation #{i} (shape {tuple(t.shape)})", t) for i, t in enumerate(items)],
+                "representation",
+            )
         present_mask = self._present(present, stacked)
         tasks = [int(k) for k in present_mask.nonzero().flatten()]
         params = [t for _, t in shared]
         weights = torch.zeros(self.num_tasks, dtype=stacked.dtype, device=stacked.device)
         if tasks:
-            rows = []
-            reached = [False] * len(params)
-            for k in tasks:
-                grads = torch.autograd.grad(stacked[k], params, retain_graph=True, allow_unused=True)
-                row = []
-                for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                    if g is None:
-                        g = torch.zeros_like(p)
-                    else:
-                        reached[i] = True
-                    row.append(g.reshape(-1))
-                rows.append(torch.cat(row))
-            missing = [name for (name, _), ok in zip(shared, reached, strict=True) if not ok]
-            if missing:
-                raise LossFusionError(
-                    f"shared parameter(s) {', '.join(repr(m) for m in missing)} received no gradient from any "
-                    f"present task ({len(tasks)} of {self.num_tasks}); pass only parameters the losses depend on"
+            if reps is None:
+                direction = self.combine_gradients(self._jacobian(stacked, tasks, shared, "shared parameter"))
+                weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
+                grads = []
+                start = 0
+                for p in params:
+                    grads.append(direction[start : start + p.numel()])
+                    start += p.numel()
+            else:
+                self.combine_gradients(self._jacobian(stacked, tasks, reps, "representation"))
+                weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
+                objective = (weights[tasks] * stacked[tasks]).sum()
+                grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+                _check_reached(
+                    shared, [g is not None for g in grads], "shared parameter", "the weighted losses"
                 )
-            jacobian = torch.stack(rows)
-            direction = self.combine_gradients(jacobian)
-            weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
-            start = 0
-            for p in params:
-                n = p.numel()
-                _accumulate(p, direction[start : start + n])
-                start += n
+            for p, g in zip(params, grads, strict=True):
+                _accumulate(p, g)
             if heads:
                 head_params = [t for _, t in heads]
                 grads = torch.autograd.grad(stacked[tasks].sum(), head_params, allow_unused=True)

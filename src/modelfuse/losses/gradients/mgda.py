@@ -10,9 +10,10 @@ it short of the minimum for more than two tasks. Here the QP is solved exactly (
 with Wolfe's min-norm-point algorithm (Wolfe 1976), an active-set method that ends after
 finitely many steps: for two tasks it is the paper's closed form.
 
-"Upper bound" (UB) in the paper means taking the gradients with respect to the shared
-representation instead of the shared parameters; with this interface that is the user's
-choice of what to pass as ``shared_parameters`` -- the QP is the same.
+"Upper bound" (UB, the paper's Section 3.3) means solving the QP with the gradients with
+respect to the shared representation Z instead of the shared parameters, then
+back-propagating ``sum_k alpha_k L_k``: pass ``representation=z`` to ``backward`` (every
+gradient method here accepts it); without it the QP uses the parameters' gradients (MGDA).
 """
 
 from __future__ import annotations
