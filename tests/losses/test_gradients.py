@@ -477,3 +477,29 @@ def test_mgda_ub_takes_the_weights_from_the_representation():
         LossFusionError, match=r"\(s\) 'representation #1 \(shape \(8, 3\)\)' received no gradient"
     ):
         fusion.backward(losses, shared_parameters=shared, representation=[z, model.trunk(x) * 2])
+
+
+@needs_mtl
+def test_cagrad_at_a_pareto_stationary_point_projects_the_mean_onto_the_cone():
+    # g1 = 0 puts 0 in the hull, so min_k g_k.d <= 0 for every d. g0 = (-1/3, 1/6) is outside the
+    # cone {d1 >= 0, d2 >= 4 d1}; its projection is (0, 1/6), at distance 1/3 from g0.
+    j = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-2.0, 0.5]], dtype=torch.float64)
+    radius = math.hypot(1 / 3, 1 / 6)
+    # c = 0.95: the ball (radius 0.354) reaches the cone, the value is 0, the answer (0, 1/6)
+    d = get_loss_fusion("cagrad")(3, c=0.95).combine_gradients(j)
+    assert torch.allclose(d, torch.tensor([0.0, 1 / 6], dtype=torch.float64), atol=1e-9)
+    # c = 0.5: it does not (radius 0.186 < 1/3), the value is negative; check against the dual on a grid
+    c = 0.5
+    d = get_loss_fusion("cagrad")(3, c=c).combine_gradients(j).numpy()
+    g = j.numpy()
+    g0 = g.mean(0)
+    assert np.linalg.norm(d - g0) <= c * radius * (1 + 1e-9)
+    n = 600
+    a, b = np.meshgrid(np.arange(n + 1) / n, np.arange(n + 1) / n)
+    keep = a + b <= 1
+    w = np.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], 1)
+    gw = w @ g
+    dual = (gw @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(gw, axis=1)).min()
+    assert (g @ d).min() < 0
+    assert (g @ d).min() >= dual - 1e-3 * np.abs(g).max() * np.linalg.norm(g0)
+    assert (g @ d).min() <= dual + 1e-12  # weak duality: no feasible d beats any dual value

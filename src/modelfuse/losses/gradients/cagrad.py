@@ -12,9 +12,13 @@ Gramian; needs the ``mtl`` extra), and on random Jacobians the two agree. The di
 TorchJD returns exactly zero when ``||g_w*||`` of its trace-normalised Gramian falls below
 ``norm_eps = 1e-4`` -- which happens with one task whose gradient is zero, with exactly
 opposite tasks, and with a 1e4 scale ratio between tasks -- although the primal solution is
-not zero there. Here, following the primal, the update is ``g_0 + sqrt(phi) g_w*/||g_w*||``
-whenever ``||g_w*||`` is above rounding, and ``g_0`` (a maximiser of the primal then, as in
-the official code's ``c / (||g_w|| + 1e-8)``) when ``g_w*`` vanishes.
+not zero there. Here, following the primal: when 0 is in the convex hull of the gradients
+(found exactly with MGDA's min-norm solver) and the ball meets the cone ``{d : J d >= 0}``,
+the primal value is 0, ``g_w* = 0``, and the update is the optimal ``d`` closest to ``g_0``,
+the projection of ``g_0`` onto that cone (an NNLS problem; it is ``g_0`` itself, the official
+code's answer, whenever ``g_0`` is in the cone); otherwise ``g_w* != 0`` and the update is
+Algorithm 1's. Accuracy: the dual is solved to rounding after Newton polishing for scale
+ratios between tasks up to 1e4 (tested); beyond about 1e6 Clarabel's tolerance limits it.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.optimize
 
 from modelfuse._optional import require
 from modelfuse.errors import ConfigError
 from modelfuse.losses._base import register_loss_fusion
 from modelfuse.losses.gradients._base import GradientFusion
+from modelfuse.losses.gradients.mgda import min_norm_weights
 
 __all__ = ["CAGrad", "cagrad_weights"]
 
-#: below this ||g_w*|| (relative to the gradients' root-mean-square norm) g_w* is rounding noise
-_VANISHING = 1e-7
+#: squared min-norm point (the Gramian scaled to mean diagonal 1) below which 0 is in the hull
+_STATIONARY = 1e-14
 
 
 def _polish(w: np.ndarray, g: np.ndarray, linear: np.ndarray, sqrt_phi: float, dual) -> np.ndarray:
@@ -54,7 +60,7 @@ def _polish(w: np.ndarray, g: np.ndarray, linear: np.ndarray, sqrt_phi: float, d
         ws = best[support]
         gw = g[support] @ best  # (G w) on the support
         norm = float(np.sqrt(max(best @ g @ best, 0.0)))
-        if norm <= _VANISHING:
+        if norm <= 0.0:
             break
         grad = linear[support] + sqrt_phi * gw / norm
         hess = sqrt_phi * (gs / norm - np.outer(gw, gw) / norm**3)
@@ -92,6 +98,17 @@ def cagrad_weights(gram: np.ndarray, c: float, rescale: bool = False) -> np.ndar
     sqrt_phi = c * float(np.linalg.norm(g0))
     if sqrt_phi == 0.0:  # c = 0 or a zero mean gradient: the ball is the point g_0
         return mean
+    scaled = (lambda v: v / (1.0 + c * c)) if rescale else (lambda v: v)
+    hull = min_norm_weights(g)
+    if float(hull @ g @ hull) <= _STATIONARY:
+        # 0 is in the gradients' hull: the primal value is at most 0, and it is 0 exactly when
+        # the ball meets the cone {d : J d >= 0}; the optimal d closest to g_0 is then the
+        # projection of g_0 onto that cone, g_0 + J^T lam with lam = argmin_{lam >= 0}
+        # |g_0 + J^T lam| (Moreau), an NNLS problem in the K x K factor. Here the dual optimum
+        # has g_w = 0, which is where TorchJD returns 0 and the official code returns g_0.
+        lam = scipy.optimize.nnls(factor.T, -g0)[0]
+        if float(np.sqrt(max(lam @ g @ lam, 0.0))) <= sqrt_phi * (1.0 + 1e-9):
+            return scaled(mean + lam)
     w = cp.Variable(k)
     cost = (factor @ g0) @ w + sqrt_phi * cp.norm(factor.T @ w, 2)
     problem = cp.Problem(cp.Minimize(cost), [w >= 0, cp.sum(w) == 1])
@@ -106,9 +123,9 @@ def cagrad_weights(gram: np.ndarray, c: float, rescale: bool = False) -> np.ndar
     w_opt = _polish(raw, g, linear, sqrt_phi, dual)
     gw_norm = float(np.linalg.norm(factor.T @ w_opt))
     weights = mean.copy()
-    if gw_norm > _VANISHING:
+    if gw_norm > 0.0:  # g_w* = 0 was handled above; this guards rounding only
         weights += (sqrt_phi / gw_norm) * w_opt
-    return weights / (1.0 + c * c) if rescale else weights
+    return scaled(weights)
 
 
 @register_loss_fusion("cagrad")
