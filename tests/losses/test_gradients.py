@@ -552,3 +552,12 @@ def test_nash_mtl_on_awkward_jacobians(seed):
         assert np.all(a == 0)  # Pareto stationary: no update
     else:
         assert np.allclose(a[live] * (gram @ a)[live], 1.0, rtol=1e-6)
+
+
+def test_a_non_finite_gradient_names_its_task():
+    w = nn.Parameter(torch.tensor([0.0, 1.0]))
+    finite_loss_inf_grad = torch.sqrt(w[0].abs())  # loss 0, d/dw sqrt(|w|) at 0 is inf
+    fusion = get_loss_fusion("mgda")(2, task_names=["digit", "parity"])
+    with pytest.raises(LossFusionError, match=r"gradient of task 1 \('parity'\).*NaN or infinite"):
+        fusion.backward([w[1] ** 2, finite_loss_inf_grad], shared_parameters=[w])
+    assert w.grad is None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from modelfuse.errors import LossFusionError
-from modelfuse.losses._base import LossFusion
+from modelfuse.losses._base import LossFusion, _task_label
 
 __all__ = ["GradientFusion", "gramian_of", "named_parameters_of"]
 
@@ -124,14 +124,14 @@ class GradientFusion(LossFusion):
         return w @ jacobian.detach()
 
     def _jacobian(
-        self, stacked: torch.Tensor, tasks: list[int], named: list[tuple[str, torch.Tensor]], role: str
+        self, items: list[torch.Tensor], tasks: list[int], named: list[tuple[str, torch.Tensor]], role: str
     ) -> torch.Tensor:
         """(K', P) gradients of the present tasks' losses w.r.t. ``named``; unreached tensors raise."""
         tensors = [t for _, t in named]
         rows = []
         reached = [False] * len(tensors)
         for k in tasks:
-            grads = torch.autograd.grad(stacked[k], tensors, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(items[k], tensors, retain_graph=True, allow_unused=True)
             row = []
             for i, (t, g) in enumerate(zip(tensors, grads, strict=True)):
                 if g is None:
@@ -140,6 +140,12 @@ class GradientFusion(LossFusion):
                     reached[i] = True
                 row.append(g.reshape(-1))
             rows.append(torch.cat(row))
+            if not bool(torch.isfinite(rows[-1]).all()):
+                raise LossFusionError(
+                    f"the gradient of {_task_label(self.task_names, k)} w.r.t. the {role}s holds NaN or "
+                    "infinite values although its loss is finite; check that task's head for overflow "
+                    "(e.g. log of 0) and lower the learning rate"
+                )
         _check_reached(named, reached, role, f"any present task ({len(tasks)} of {self.num_tasks})")
         return torch.stack(rows)
 
@@ -166,6 +172,10 @@ class GradientFusion(LossFusion):
         ``sum_k weights_k loss_k``. Returns that weighted sum (detached), for logging.
         """
         stacked = self.check(losses)
+        # differentiate each task's own loss tensor, not an entry of the stacked vector: through
+        # the stack, every task's backward would run for every row (with zeros, which turn an
+        # infinite local derivative of another task into NaN)
+        items = [t.reshape(()) for t in (losses.unbind(0) if isinstance(losses, torch.Tensor) else losses)]
         shared = named_parameters_of(shared_parameters, "shared")
         if not shared:
             raise LossFusionError(
@@ -181,9 +191,9 @@ class GradientFusion(LossFusion):
                 )
         reps = None
         if representation is not None:
-            items = [representation] if isinstance(representation, torch.Tensor) else list(representation)
+            given = [representation] if isinstance(representation, torch.Tensor) else list(representation)
             reps = named_parameters_of(
-                [(f"representation #{i} (shape {tuple(t.shape)})", t) for i, t in enumerate(items)],
+                [(f"representation #{i} (shape {tuple(t.shape)})", t) for i, t in enumerate(given)],
                 "representation",
             )
         present_mask = self._present(present, stacked)
@@ -192,7 +202,7 @@ class GradientFusion(LossFusion):
         weights = torch.zeros(self.num_tasks, dtype=stacked.dtype, device=stacked.device)
         if tasks:
             if reps is None:
-                direction = self.combine_gradients(self._jacobian(stacked, tasks, shared, "shared parameter"))
+                direction = self.combine_gradients(self._jacobian(items, tasks, shared, "shared parameter"))
                 weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
                 grads = []
                 start = 0
@@ -200,9 +210,9 @@ class GradientFusion(LossFusion):
                     grads.append(direction[start : start + p.numel()])
                     start += p.numel()
             else:
-                self.combine_gradients(self._jacobian(stacked, tasks, reps, "representation"))
+                self.combine_gradients(self._jacobian(items, tasks, reps, "representation"))
                 weights[tasks] = self.last_weights_.to(dtype=weights.dtype, device=weights.device)
-                objective = (weights[tasks] * stacked[tasks]).sum()
+                objective = sum(weights[k] * items[k] for k in tasks)
                 grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
                 _check_reached(
                     shared, [g is not None for g in grads], "shared parameter", "the weighted losses"
@@ -211,7 +221,7 @@ class GradientFusion(LossFusion):
                 _accumulate(p, g)
             if heads:
                 head_params = [t for _, t in heads]
-                grads = torch.autograd.grad(stacked[tasks].sum(), head_params, allow_unused=True)
+                grads = torch.autograd.grad(sum(items[k] for k in tasks), head_params, allow_unused=True)
                 for p, g in zip(head_params, grads, strict=True):
                     if g is not None:
                         _accumulate(p, g)
