@@ -92,6 +92,11 @@ class GradientFusion(LossFusion):
 
     uses_gradients = True
 
+    def __init__(self, num_tasks: int, task_names: Sequence[str] | None = None) -> None:
+        super().__init__(num_tasks, task_names)
+        #: the coefficients of the last ``combine_gradients`` call, one per Jacobian row
+        self.last_weights_: torch.Tensor | None = None
+
     def task_weights(self, gramian: np.ndarray, jacobian: torch.Tensor) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
