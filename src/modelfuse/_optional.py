@@ -14,6 +14,9 @@ EXTRA_OF = {
     "transformers": "hf",
     "ensemble_boxes": "dev",
     "ot": "align",
+    "torchjd": "mtl",
+    "cvxpy": "mtl",
+    "clarabel": "mtl",
 }
 
 

@@ -35,3 +35,15 @@ __all__ = [
     "masked_task_losses",
     "register_loss_fusion",
 ]
+
+# gradient-combination methods (h-lossg)
+from modelfuse.losses.gradients import (
+    IMTLG,
+    MGDA,
+    CAGrad,
+    GradientFusion,
+    NashMTL,
+    PCGrad,
+)
+
+__all__ += ["IMTLG", "MGDA", "CAGrad", "GradientFusion", "NashMTL", "PCGrad"]
