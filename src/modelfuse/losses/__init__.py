@@ -20,3 +20,24 @@ __all__ = [
     "masked_task_losses",
     "register_loss_fusion",
 ]
+
+# multi-teacher distillation (h-teach)
+from modelfuse.losses.distillation import (
+    MultiTeacherDistillation,
+    distillation_loss,
+    get_teacher_weighting,
+    list_teacher_weightings,
+    register_teacher_weighting,
+    teacher_log_weights,
+    teacher_mixture,
+)
+
+__all__ += [
+    "MultiTeacherDistillation",
+    "distillation_loss",
+    "get_teacher_weighting",
+    "list_teacher_weightings",
+    "register_teacher_weighting",
+    "teacher_log_weights",
+    "teacher_mixture",
+]
