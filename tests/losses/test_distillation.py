@@ -419,3 +419,41 @@ def test_a_failed_hook_setup_leaves_no_hooks_behind():
 def test_unknown_weighting_lookup_lists_the_registered_ones():
     with pytest.raises(RegistryError, match="Registered: ca_mkd, confidence, entropy, true_label"):
         get_teacher_weighting("vote")
+
+
+def one_step(device):
+    """Loss, learned weights and gradients of one step with everything on ``device`` (seeded)."""
+    torch.manual_seed(4)
+    student = create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(12,)).to(device)
+    teachers = [
+        create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=(20,)).to(device),
+        create_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(8,)).to(device),
+    ]
+    x = torch.randn(16, 1, 8, 8).to(device)
+    y = torch.randint(0, 10, (16,)).to(device)
+    y[3] = -1  # one unlabelled sample
+    with MultiTeacherDistillation(
+        teachers,
+        weights="learned",
+        features=[("features.relu1", 0, "features.relu1")],
+        student=student,
+        example_input=x,
+    ) as kd:
+        kd.to(device)
+        loss = kd(student(x), x, y)
+        loss.backward()
+        return loss.item(), kd.theta.grad.cpu(), student.features.fc1.weight.grad.cpu()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where one is present)")
+def test_the_loss_runs_on_cuda_as_on_the_cpu():
+    cpu, gpu = one_step("cpu"), one_step("cuda")
+    assert gpu[0] == pytest.approx(cpu[0], rel=1e-4)
+    for a, b in zip(cpu[1:], gpu[1:]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_one_step_is_reproducible_on_the_cpu():
+    a, b = one_step("cpu"), one_step("cpu")
+    assert a[0] == b[0] and all(torch.equal(u, v) for u, v in zip(a[1:], b[1:]))
+    assert a[1].abs().sum() > 0  # the labelled samples train the learned weights
