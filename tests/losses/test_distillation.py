@@ -375,6 +375,10 @@ def bad_call(kind):
         return MultiTeacherDistillation([Head(5)])(s, x)
     if kind == "no example":
         return MultiTeacherDistillation([Head(4)], features=[("fc", 0, "fc")], student=Head(4))
+    if kind == "nan logits":
+        return distillation_loss(s, torch.stack([s, s * float("nan")]), temperature=2.0)
+    if kind == "label range":
+        return MultiTeacherDistillation([Head(4)])(s, x, torch.tensor([0, 1, 4, 2]))
     if kind == "labels needed":
         return MultiTeacherDistillation([Head(4), Head(4)], weights="ca_mkd")(s, x)
     raise AssertionError(kind)
@@ -394,6 +398,8 @@ BAD = [
     ("student classes", LossFusionError, r"the student gives 4 class scores, the teachers 5"),
     ("no example", ConfigError, r"feature matching needs the student module .* example batch"),
     ("labels needed", ConfigError, r"'ca_mkd' needs the labels"),
+    ("nan logits", LossFusionError, r"teacher\(s\) \[1\] have NaN or infinite logits"),
+    ("label range", ConfigError, r"labels must be 4 class indices below 4 .* largest 4"),
 ]
 
 

@@ -218,8 +218,20 @@ def distillation_loss(
             f"student logits of shape {tuple(student_logits.shape)} do not match the teachers' "
             f"{tuple(teacher_logits.shape[1:])} (N, classes)"
         )
+    bad = [k for k in range(teacher_logits.shape[0]) if not bool(torch.isfinite(teacher_logits[k]).all())]
+    if bad:
+        raise LossFusionError(
+            f"teacher(s) {bad} have NaN or infinite logits; a non-finite soft target would poison "
+            "the student: check those teachers' weights and inputs"
+        )
     if labels is not None:
         labels = labels.long().to(student_logits.device)
+        classes = student_logits.shape[-1]
+        if labels.shape != student_logits.shape[:1] or bool((labels >= classes).any()):
+            raise ConfigError(
+                f"labels must be {student_logits.shape[0]} class indices below {classes} (negative: no label); "
+                f"found shape {tuple(labels.shape)}, largest {int(labels.max()) if labels.numel() else None}"
+            )
     ce = _hard_term(student_logits, labels) if a < 1 else None
     if a == 0:  # exactly the plain cross-entropy of train()'s default loss
         return ce if ce is not None else student_logits.sum() * 0.0
