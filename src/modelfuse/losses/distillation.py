@@ -114,7 +114,9 @@ def ca_mkd(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     ``w_kn = (1 - softmax_k(CE_kn)) / (K - 1)`` with ``CE_kn`` teacher k's cross-entropy on
     sample n's label; a teacher closer to the label gets more weight, none gets more than
     ``1 / (K - 1)``. (CA-MKD weights K per-teacher KL terms; here the weights mix the teachers'
-    distributions into one soft target, like every other weighting.) One teacher: weight 1."""
+    distributions into one soft target, like every other weighting.) One teacher: weight 1.
+    With two teachers the weights equal ``true_label``'s (``1 - e^a / (e^a + e^b) = e^-a / (e^-a + e^-b)``);
+    they differ from three on."""
     lp, has = _label_log_probs(logits, _needs_labels("ca_mkd", labels))
     k = logits.shape[0]
     if k == 1:
@@ -345,7 +347,8 @@ class MultiTeacherDistillation(nn.Module):
     easily because the KD term sees them detached: ``theta`` is trained only by the hard-label
     loss of the weighted mixture, ``NLL(log sum_k w_k softmax(z_k), y)`` (T = 1), added to the
     returned loss, so weight moves to the teachers whose mixture predicts the labels best (and
-    stays where it is on batches without labels).
+    stays where it is on batches without labels). Adam moves ``theta`` by about its learning rate
+    per step, so give it a rate of its own (a param group) where the student's is small.
 
     ``weights_``: the teacher weights of the last call, (K,) when shared by the batch, (K, N)
     for per-sample weightings; ``terms_``: the last call's parts (``kd``, ``feature``,
