@@ -390,7 +390,8 @@ class MultiTeacherDistillation(nn.Module):
         k = len(teachers)
         spec = weights_spec(weights, k, extra=("learned",))
         self.weighting = spec
-        self.theta = nn.Parameter(torch.zeros(k)) if spec == "learned" else None
+        self.learned = isinstance(spec, str) and spec == "learned"
+        self.theta = nn.Parameter(torch.zeros(k)) if self.learned else None
         self.weights_: torch.Tensor | None = None
         self.terms_: dict[str, float] = {}
         self.pairs = [(str(s), int(i), str(t)) for s, i, t in features]
@@ -508,7 +509,7 @@ class MultiTeacherDistillation(nn.Module):
             )
         y = labels.long().to(student_logits.device) if labels is not None else None
         extra = student_logits.new_zeros(())
-        if self.weighting == "learned":
+        if self.learned:
             log_w = torch.log_softmax(self.theta, 0).to(z.dtype)
             if y is not None and bool((y >= 0).any()):
                 has = y >= 0
