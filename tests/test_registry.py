@@ -57,6 +57,7 @@ VOCABULARY = [
     ("modelfuse.zoo", "model", "models", "cnn"),
     ("modelfuse.align", "aligner", "aligners", "weight_matching"),
     ("modelfuse.losses", "loss_fusion", "loss_fusions", "uncertainty"),
+    ("modelfuse.losses", "teacher_weighting", "teacher_weightings", "confidence"),
 ]
 
 

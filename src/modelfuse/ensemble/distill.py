@@ -6,6 +6,11 @@ inputs in a ``TensorDataset(x, y, teacher_logits)`` and the student trains on it
 the one loop, :func:`modelfuse.zoo.train.train`, with :class:`KDLoss` as its ``loss=``.
 :class:`DistillReport` puts the student next to the best single teacher, the ensemble and
 a student-sized model trained from scratch with the same budget and seed.
+
+The KD formula and the teacher weightings are :mod:`modelfuse.losses.distillation`'s (one
+formula in the package); this level is built on that one, which also offers
+:class:`~modelfuse.losses.MultiTeacherDistillation` for teachers run on every batch, learned
+teacher weights and feature hints.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -25,6 +29,14 @@ from modelfuse.ensemble.combiners import mean_prob
 from modelfuse.ensemble.module import check_models, check_weights
 from modelfuse.ensemble.training import ModelArg, _check_kwargs, build_model
 from modelfuse.errors import ConfigError
+from modelfuse.losses.distillation import (
+    check_alpha,
+    check_temperature,
+    distillation_loss,
+    teacher_log_weights,
+    weights_spec,
+)
+from modelfuse.losses.distillation import teacher_mixture as _teacher_mixture
 from modelfuse.zoo.metrics import accuracy_nll, check_logits_labels
 from modelfuse.zoo.train import OptimizerArg, TrainResult, predict, train
 
@@ -73,9 +85,12 @@ def teacher_weights(
       temperature 1) on that sample: trust the teacher that is surest.
     - ``"true_label"``: proportional to each teacher's probability (temperature 1) of the
       sample's true label (needs ``labels``): trust the teacher that is right.
+
+    The other per-sample weightings of :mod:`modelfuse.losses.distillation` (``entropy``,
+    ``ca_mkd``) are accepted too.
     """
     _check_logits(logits, labels)
-    return _log_weights(logits, labels, _weights_spec(weights, logits.shape[0])).exp()
+    return teacher_log_weights(logits, _labels(labels), _weights_spec(weights, logits.shape[0])).exp()
 
 
 def teacher_mixture(
@@ -89,7 +104,7 @@ def teacher_mixture(
     (N, C), with the weights of :func:`teacher_weights`."""
     _check_logits(logits, labels)
     spec = _weights_spec(weights, logits.shape[0])
-    return _log_mixture(logits, labels, spec, _check_temperature(temperature))
+    return _teacher_mixture(logits, _labels(labels), temperature=temperature, weights=spec)
 
 
 def kd_loss(
@@ -107,16 +122,14 @@ def kd_loss(
     ``student_logits`` (N, C); ``logits`` the teachers' (K, N, C), mixed into
     ``p_teacher^T = sum_k w_k softmax(z_k / T)`` by :func:`teacher_weights`;
     ``p_student^T = softmax(s / T)``. The ``T^2`` keeps the soft term's gradients on the
-    scale of the hard term's as ``T`` changes. ``alpha = 0`` is plain cross-entropy.
+    scale of the hard term's as ``T`` changes. ``alpha = 0`` is plain cross-entropy. The
+    formula is :func:`modelfuse.losses.distillation_loss`'s (the package has one).
     """
     _check_logits(logits, labels)
-    if student_logits.shape != logits.shape[1:]:
-        raise ConfigError(
-            f"student logits of shape {tuple(student_logits.shape)} do not match the teachers' "
-            f"{tuple(logits.shape[1:])} (N, classes)"
-        )
     spec = _weights_spec(weights, logits.shape[0])
-    return _kd(student_logits, logits, labels, _check_temperature(temperature), _check_alpha(alpha), spec)
+    return distillation_loss(
+        student_logits, logits, _labels(labels), temperature=temperature, alpha=alpha, weights=spec
+    )
 
 
 class KDLoss:
@@ -124,13 +137,20 @@ class KDLoss:
     teacher logits of each sample stored as (K, C); see :func:`kd_loss`."""
 
     def __init__(self, *, temperature: float, alpha: float, weights: TeacherWeights, teachers: int) -> None:
-        self.temperature = _check_temperature(temperature)
-        self.alpha = _check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.weights = _weights_spec(weights, teachers)
 
     def __call__(self, model: nn.Module, batch: tuple[Any, ...]) -> torch.Tensor:
         x, y, z = batch[0], batch[1], batch[2]
-        return _kd(model(x), z.transpose(0, 1), y, self.temperature, self.alpha, self.weights)
+        return distillation_loss(
+            model(x),
+            z.transpose(0, 1),
+            y,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            weights=self.weights,
+        )
 
 
 @dataclass
@@ -289,68 +309,13 @@ def distill_report(
     )
 
 
-def _kd(
-    student_logits: torch.Tensor,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    spec: torch.Tensor | str | None,
-) -> torch.Tensor:
-    labels = labels.long()
-    if alpha == 0:  # exactly the plain cross-entropy of train()'s default loss
-        return F.cross_entropy(student_logits, labels)
-    log_p = _log_mixture(logits.to(student_logits.dtype), labels, spec, temperature)
-    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
-    loss = alpha * temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-    if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student_logits, labels)
-    return loss
-
-
-def _log_mixture(
-    logits: torch.Tensor, labels: torch.Tensor | None, spec: torch.Tensor | str | None, temperature: float
-) -> torch.Tensor:
-    log_w = _log_weights(logits, labels, spec).unsqueeze(-1)
-    return torch.logsumexp(log_w + torch.log_softmax(logits / temperature, dim=-1), dim=0)
-
-
-def _log_weights(
-    logits: torch.Tensor, labels: torch.Tensor | None, spec: torch.Tensor | str | None
-) -> torch.Tensor:
-    """Log mixture weights (K, N), normalised over K per sample (in log space, so they never underflow)."""
-    k, n = logits.shape[:2]
-    if spec is None:
-        return torch.full((k, n), -math.log(k), dtype=logits.dtype, device=logits.device)
-    if isinstance(spec, torch.Tensor):
-        return spec.to(logits.device, logits.dtype).log().unsqueeze(1).expand(k, n)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    if spec == "confidence":
-        score = log_probs.max(-1).values
-    else:
-        if labels is None:
-            raise ConfigError("weights='true_label' needs the labels of the samples")
-        labels = labels.long().to(logits.device)
-        if labels.shape != (n,):
-            raise ConfigError(
-                f"expected {n} labels for the teachers' logits, found shape {tuple(labels.shape)}"
-            )
-        score = log_probs.gather(-1, labels.view(1, n, 1).expand(k, n, 1)).squeeze(-1)
-    return score - torch.logsumexp(score, dim=0, keepdim=True)
+def _labels(labels: torch.Tensor | None) -> torch.Tensor | None:
+    return torch.as_tensor(labels).long() if labels is not None else None
 
 
 def _weights_spec(weights: TeacherWeights, count: int) -> torch.Tensor | str | None:
     """None, a weighting name, or fixed weights validated and normalised (float64, K)."""
-    if weights is None:
-        return None
-    if isinstance(weights, str):
-        if weights not in WEIGHTINGS:
-            raise ConfigError(
-                f"unknown teacher weighting {weights!r}; expected one of {', '.join(WEIGHTINGS)}, "
-                "a list of one weight per teacher, or None for equal weights"
-            )
-        return weights
-    return check_weights(weights, count, what="teacher")
+    return weights_spec(weights, count)
 
 
 def _check_teachers(teachers: Sequence[nn.Module]) -> list[nn.Module]:
@@ -359,23 +324,6 @@ def _check_teachers(teachers: Sequence[nn.Module]) -> list[nn.Module]:
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     check_logits_labels(logits, labels, what="the teachers' logits", stacked=True)
-
-
-def _check_temperature(temperature: float) -> float:
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ConfigError(f"temperature must be a positive finite number, found {temperature!r}")
-    return t
-
-
-def _check_alpha(alpha: float) -> float:
-    a = float(alpha)
-    if not 0.0 <= a <= 1.0:
-        raise ConfigError(
-            f"alpha (the weight of the distillation term) must lie in [0, 1], found {alpha!r}; "
-            "0 is plain cross-entropy, 1 distillation only"
-        )
-    return a
 
 
 def _check_student(student: nn.Module, x: torch.Tensor, classes: int, data: Splits | Dataset) -> None:
