@@ -56,6 +56,7 @@ VOCABULARY = [
     ("modelfuse.data", "dataset", "datasets", "digits"),
     ("modelfuse.zoo", "model", "models", "cnn"),
     ("modelfuse.align", "aligner", "aligners", "weight_matching"),
+    ("modelfuse.activations", "activation", "activations", "relu"),
 ]
 
 
