@@ -217,3 +217,21 @@ def test_report_lists_weights_top_and_entropy_by_hand():
     text = buf.getvalue()
     assert "relu=0.70" in text and "1.386" in text
     assert summarize(nn.Linear(2, 2)) == []
+
+
+def test_mixtures_train_through_the_zoo_loop_and_leave_their_start():
+    from torch.utils.data import TensorDataset
+
+    from modelfuse.data import load
+    from modelfuse.zoo import train
+
+    digits = load("digits")
+    x, y = digits.train.tensors
+    torch.manual_seed(0)
+    model = create_model("mlp", input_shape=digits.input_shape, num_classes=10, hidden=[32])
+    fused = fuse_activations(model, candidates=("relu", "tanh"))
+    blends = [m.mix.blend for m in mixtures(fused)]
+    assert all(float(b.detach()) == 0.0 for b in blends)
+    train(fused, TensorDataset(x[:256], y[:256]), epochs=1, seed=0, lr=1e-2, progress=False)
+    w = mixtures(fused)[0].mixing_weights().detach()
+    assert float(blends[0].detach()) != 0.0 and (w >= 0).all() and abs(float(w.sum()) - 1.0) < 1e-6
