@@ -142,6 +142,10 @@ def test_no_activations_and_unknown_names_are_errors():
         fuse_activations(nn.Sequential(nn.ReLU()), granularity="unit")
     with pytest.raises(ActivationError, match="cannot start at each"):
         fuse_activations(nn.Sequential(nn.ReLU(), nn.Tanh()), granularity="global")
+    with pytest.raises(ActivationError, match="every mixture needs the same candidates"):
+        fuse_activations(
+            nn.Sequential(nn.ELU(), nn.SELU()), candidates=("relu",), granularity="global", init=None
+        )
 
 
 def test_original_activation_not_in_candidates_is_added_first():
@@ -235,3 +239,25 @@ def test_mixtures_train_through_the_zoo_loop_and_leave_their_start():
     train(fused, TensorDataset(x[:256], y[:256]), epochs=1, seed=0, lr=1e-2, progress=False)
     w = mixtures(fused)[0].mixing_weights().detach()
     assert float(blends[0].detach()) != 0.0 and (w >= 0).all() and abs(float(w.sum()) - 1.0) < 1e-6
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        a = F.relu(h, inplace=True)  # h is used again below: rewriting this would change the sum
+        b = self.fc(x).tanh_()  # its input is used nowhere else: safe to rewrite
+        return a + h + b
+
+
+def test_in_place_calls_are_rewritten_only_where_nothing_else_reads_their_input():
+    torch.manual_seed(0)
+    model = InPlace()
+    with pytest.warns(ActivationWarning, match=r"relu\(\) in the model itself .* writes its input in place"):
+        fused = fuse_activations(model)
+    x = torch.randn(3, 4)
+    assert torch.equal(fused(x), model(x))
+    assert [m.names[int(m.mixing_weights().argmax())] for m in mixtures(fused)] == ["tanh"]

@@ -194,6 +194,8 @@ def fuse_activations(
                 f"different activations ({listed}); use granularity='layer', or init=None / a candidate name"
             )
 
+    shared_candidates: list[str] = []
+
     def make(original: nn.Module) -> ActivationMix:
         nonlocal shared
         original = out_of_place(copy.deepcopy(original))
@@ -204,8 +206,17 @@ def fuse_activations(
         mix = ActivationMix(
             cands, granularity=granularity, weights=weights, init=start, shared_weights=shared
         )
-        if granularity == "global" and shared is None:
-            shared = mix.mix
+        if granularity == "global":
+            listed = tuple(repr(c) for c in mix.candidates)
+            if shared is None:
+                shared, shared_candidates[:] = mix.mix, listed
+            elif listed != tuple(shared_candidates):
+                raise ActivationError(
+                    "granularity='global' shares one weight vector, so every mixture needs the same candidates; "
+                    f"adding the replaced activations gives ({', '.join(shared_candidates)}) in one place and "
+                    f"({', '.join(listed)}) in another. List every activation the model uses in candidates, "
+                    "or use granularity='layer'"
+                )
         return mix
 
     for key, site in module_sites.items():
