@@ -261,3 +261,20 @@ def test_in_place_calls_are_rewritten_only_where_nothing_else_reads_their_input(
     x = torch.randn(3, 4)
     assert torch.equal(fused(x), model(x))
     assert [m.names[int(m.mixing_weights().argmax())] for m in mixtures(fused)] == ["tanh"]
+
+
+def test_fused_state_dict_round_trips_and_bad_tol_is_refused():
+    torch.manual_seed(0)
+    model = create_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(8, 16))
+    a = fuse_activations(model, granularity="channel").eval()
+    x = torch.randn(2, 1, 8, 8)
+    a(x)  # materialises the channel weights
+    with torch.no_grad():
+        for m in mixtures(a):
+            m.mix.blend.fill_(0.5)
+            m.mix.logits.normal_()
+    b = fuse_activations(model, granularity="channel").eval()
+    b.load_state_dict(a.state_dict())  # b's channel weights are still lazy
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), model.eval()(x))
+    with pytest.raises(ActivationError, match="tol must be a non-negative number"):
+        collapse(a, tol=-1.0)
