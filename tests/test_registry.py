@@ -58,6 +58,7 @@ VOCABULARY = [
     ("modelfuse.align", "aligner", "aligners", "weight_matching"),
     ("modelfuse.losses", "loss_fusion", "loss_fusions", "uncertainty"),
     ("modelfuse.losses", "teacher_weighting", "teacher_weightings", "confidence"),
+    ("modelfuse.activations", "activation", "activations", "relu"),
 ]
 
 
