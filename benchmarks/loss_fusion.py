@@ -12,6 +12,8 @@ Method settings: defaults, except ``fixed`` (weights 1, 0.5, 0.5: an arbitrary h
 callback). Gradient methods get the whole trunk as shared parameters.
 
     PYTHONPATH=src .venv/bin/python benchmarks/loss_fusion.py [--seeds 0 1 2] [--epochs 30] [--methods equal dwa]
+
+``tests/losses/test_loss_fusion_figures.py`` (slow) runs it and holds the README's floors.
 """
 
 from __future__ import annotations
@@ -61,9 +63,12 @@ def run(name: str, seed: int, data: TensorDataset, test: TensorDataset, epochs: 
     fusion = get_loss_fusion(name)(num_tasks=3, task_names=list(TASKS), **OPTIONS.get(name, {}))
     shared = model.trunk[-2] if name == "gradnorm" else model.trunk
 
+    # gradient methods combine the trunk's per-task gradients; the heads get the plain sum's
+    extra = {"task_parameters": list(model.heads.parameters())} if fusion.uses_gradients else {}
+
     def backward(out):
         losses, present = out
-        return fusion.backward(losses, shared_parameters=shared.parameters(), present=present)
+        return fusion.backward(losses, shared_parameters=shared.parameters(), present=present, **extra)
 
     callbacks = [fusion] if hasattr(fusion, "on_epoch_end") else []
     train(model, data, epochs=epochs, seed=seed, lr=1e-3, loss=task_losses, backward=backward,
@@ -75,6 +80,25 @@ def run(name: str, seed: int, data: TensorDataset, test: TensorDataset, epochs: 
     ]
 
 
+def task_data(missing: float = 0.5) -> tuple[TensorDataset, TensorDataset]:
+    """Digits' train split as ``(x, digit, task mask)`` with ``missing`` of the parity labels hidden
+    (seeded), and the test split."""
+    digits = load("digits")
+    x, y = digits.train.tensors
+    mask = torch.ones(len(y), 3, dtype=torch.bool)
+    mask[:, 1] = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) >= missing
+    return TensorDataset(x, y, mask), digits.test
+
+
+def table(methods: list[str], seeds: list[int], epochs: int, missing: float = 0.5):
+    """Yield ``(method, accuracies (seeds, tasks), seconds per run)`` for each method."""
+    data, test = task_data(missing)
+    for name in methods:
+        start = time.perf_counter()
+        acc = np.array([run(name, seed, data, test, epochs) for seed in seeds])
+        yield name, acc, (time.perf_counter() - start) / len(seeds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -83,21 +107,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    digits = load("digits")
-    x, y = digits.train.tensors
-    mask = torch.ones(len(y), 3, dtype=torch.bool)
-    mask[:, 1] = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) >= args.missing
-    data = TensorDataset(x, y, mask)
-    methods = args.methods or list_loss_fusions()
+    data, test = task_data(args.missing)
+    mask = data.tensors[2]
     print(machine())
-    print(f"digits: {len(y)} train ({int(mask[:, 1].sum())} with parity labels), {len(digits.test)} test; "
+    print(f"digits: {len(mask)} train ({int(mask[:, 1].sum())} with parity labels), {len(test)} test; "
           f"epochs {args.epochs}, seeds {args.seeds}")
     print(f"| method | {' | '.join(TASKS)} | mean | s / run |")
     print("|---|" + "---|" * (len(TASKS) + 2))
-    for name in methods:
-        start = time.perf_counter()
-        acc = np.array([run(name, seed, data, digits.test, args.epochs) for seed in args.seeds])
-        seconds = (time.perf_counter() - start) / len(args.seeds)
+    for name, acc, seconds in table(args.methods or list_loss_fusions(), args.seeds, args.epochs, args.missing):
         cells = [f"{m:.1f} ± {s:.1f}" for m, s in zip(acc.mean(0), acc.std(0), strict=True)]
         mean = acc.mean(1)
         print(f"| {name} | {' | '.join(cells)} | {mean.mean():.1f} ± {mean.std():.1f} | {seconds:.1f} |", flush=True)
