@@ -74,13 +74,21 @@ class Outer(nn.Module):
 
 
 class TinyEncoder(nn.Module):
-    """Tokens -> Linear embedding + learned positions -> 2 encoder layers + LayerNorm -> mean over tokens -> head."""
+    """Tokens -> Linear embedding + learned positions -> 2 encoder layers + LayerNorm -> mean over tokens -> head.
 
-    def __init__(self, tokens: int = 5, features: int = 3, d: int = 8, classes: int = 4) -> None:
+    With ``batch_first=False`` the input is (tokens, batch, features), as PyTorch's default layout.
+    """
+
+    def __init__(
+        self, tokens: int = 5, features: int = 3, d: int = 8, classes: int = 4, batch_first: bool = True
+    ) -> None:
         super().__init__()
+        self.token_dim = 1 if batch_first else 0
         self.embed = nn.Linear(features, d)
-        self.pos = nn.Parameter(torch.randn(tokens, d))
-        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.pos = nn.Parameter(torch.randn(tokens, d) if batch_first else torch.randn(tokens, 1, d))
+        layer = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=batch_first
+        )
         self.encoder = nn.TransformerEncoder(
             layer, num_layers=2, norm=nn.LayerNorm(d), enable_nested_tensor=False
         )
@@ -88,7 +96,25 @@ class TinyEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(self.embed(x) + self.pos)
-        return self.head(h.mean(dim=1))
+        return self.head(h.mean(dim=self.token_dim))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to a memory of other widths: separate q/k/v projections (kdim, vdim) and bias_k/bias_v."""
+
+    def __init__(self, d: int = 6, kdim: int = 5, vdim: int = 7, heads: int = 3) -> None:
+        super().__init__()
+        self.q_in = nn.Linear(3, d)
+        self.k_in = nn.Linear(4, kdim)
+        self.v_in = nn.Linear(4, vdim)
+        self.attn = nn.MultiheadAttention(d, heads, kdim=kdim, vdim=vdim, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        k, v = torch.relu(self.k_in(memory)), torch.tanh(self.v_in(memory))
+        h = self.q_in(x)
+        h = h + self.attn(h, k, v, need_weights=False)[0]
+        return self.head(h)  # one prediction per query token
 
 
 class AttentionBlock(nn.Module):

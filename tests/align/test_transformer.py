@@ -1,20 +1,32 @@
-"""Transformer encoders: the residual stream is one group, each feed-forward's hidden units another."""
+"""Transformer encoders: the residual stream is one group, each feed-forward's hidden units another, and
+inside each attention head the query/key units one group and the value units another."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from modelfuse import zoo
 from modelfuse.align import AxisRef, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError
-from tests.align.models import AttentionBlock, BagOfEmbeddings, TiedEmbeddings, TinyEncoder
+from tests.align.models import AttentionBlock, BagOfEmbeddings, CrossAttention, TiedEmbeddings, TinyEncoder
+
+
+def _head_axes(attn: str, d: int, hd: int, h: int) -> tuple[set[AxisRef], set[AxisRef]]:
+    """Head ``h``'s query/key and value blocks of a packed in-projection, written out by hand."""
+    qk = {AxisRef(f"{attn}.in_proj_{w}", 0, s) for w in ("weight", "bias") for s in (h * hd, d + h * hd)}
+    v = {AxisRef(f"{attn}.in_proj_{w}", 0, 2 * d + h * hd) for w in ("weight", "bias")}
+    return qk, v | {AxisRef(f"{attn}.out_proj.weight", 1, h * hd)}
 
 
 def test_encoder_spec_by_hand() -> None:
     torch.manual_seed(0)
     spec = permutation_spec(TinyEncoder(), example_input=torch.randn(2, 5, 3))
-    assert set(spec.groups) == {"embed", "encoder.layers.0.linear1", "encoder.layers.1.linear1"}
+    heads = {f"encoder.layers.{i}.self_attn.head{h}.{p}" for i in (0, 1) for h in (0, 1) for p in ("qk", "v")}
+    assert set(spec.groups) == {"embed", "encoder.layers.0.linear1", "encoder.layers.1.linear1"} | heads
     stream = set(spec.groups["embed"].axes)
     per_layer = [
         ("self_attn.in_proj_weight", 1), ("self_attn.out_proj.weight", 0), ("self_attn.out_proj.bias", 0),
@@ -34,6 +46,43 @@ def test_encoder_spec_by_hand() -> None:
         AxisRef("encoder.layers.1.linear1.bias", 0),
         AxisRef("encoder.layers.1.linear2.weight", 1),
     }
+    # d = 8, two heads of 4: queries are rows 0..7 of in_proj, keys 8..15, values 16..23
+    for i in (0, 1):
+        for h in (0, 1):
+            qk, v = _head_axes(f"encoder.layers.{i}.self_attn", 8, 4, h)
+            assert set(spec.groups[f"encoder.layers.{i}.self_attn.head{h}.qk"].axes) == qk
+            assert set(spec.groups[f"encoder.layers.{i}.self_attn.head{h}.v"].axes) == v
+            assert spec.groups[f"encoder.layers.{i}.self_attn.head{h}.v"].size == 4
+
+
+def test_separate_projections_and_bias_kv_spec_by_hand() -> None:
+    spec = permutation_spec(CrossAttention())  # d 6, kdim 5, vdim 7, 3 heads of 2
+    for h in range(3):
+        assert set(spec.groups[f"attn.head{h}.qk"].axes) == {
+            AxisRef("attn.q_proj_weight", 0, 2 * h),
+            AxisRef("attn.k_proj_weight", 0, 2 * h),
+            AxisRef("attn.in_proj_bias", 0, 2 * h),
+            AxisRef("attn.in_proj_bias", 0, 6 + 2 * h),
+            AxisRef("attn.bias_k", 2, 2 * h),
+        }
+        assert set(spec.groups[f"attn.head{h}.v"].axes) == {
+            AxisRef("attn.v_proj_weight", 0, 2 * h),
+            AxisRef("attn.in_proj_bias", 0, 12 + 2 * h),
+            AxisRef("attn.bias_v", 2, 2 * h),
+            AxisRef("attn.out_proj.weight", 1, 2 * h),
+        }
+    # the key and value inputs have widths of their own, each its own group
+    assert set(spec.groups["k_in"].axes) == {
+        AxisRef("k_in.weight", 0),
+        AxisRef("k_in.bias", 0),
+        AxisRef("attn.k_proj_weight", 1),
+    }
+    assert set(spec.groups["v_in"].axes) == {
+        AxisRef("v_in.weight", 0),
+        AxisRef("v_in.bias", 0),
+        AxisRef("attn.v_proj_weight", 1),
+    }
+    assert AxisRef("attn.q_proj_weight", 1) in spec.groups["q_in"].axes
 
 
 def test_without_example_input_the_token_mean_is_explained() -> None:
@@ -104,3 +153,120 @@ def test_tied_weights_move_together() -> None:
         torch.testing.assert_close(
             apply_permutation(model, spec, perms)(ids), model(ids), atol=1e-6, rtol=1e-6
         )
+
+
+def _encoder_wrapped(batch_first: bool) -> nn.Module:
+    """A TransformerEncoderLayer used on its own between two Linears (d 8, 2 heads of 4, 12 hidden)."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
+    return nn.Sequential(nn.Linear(3, 8), layer, nn.Linear(8, 4))
+
+
+def _permute_encoder_layer_by_hand(
+    sd: dict[str, torch.Tensor],
+    pre: str,
+    s: torch.Tensor,
+    perms: dict[str, torch.Tensor],
+    d: int = 8,
+    hd: int = 4,
+) -> None:
+    """Reorder one encoder layer's weights: stream units by ``s``, hidden and per-head units by ``perms``."""
+    heads, hidden = d // hd, perms[f"{pre}linear1"]
+    qk = [perms[f"{pre}self_attn.head{h}.qk"] for h in range(heads)]
+    v = [perms[f"{pre}self_attn.head{h}.v"] for h in range(heads)]
+    # in_proj rows: [queries of head 0, 1, ...; keys ...; values ...]; head h of block c starts at c*d + h*hd
+    rows = torch.cat([c * d + h * hd + (qk[h] if c < 2 else v[h]) for c in range(3) for h in range(heads)])
+    cols = torch.cat([h * hd + v[h] for h in range(heads)])
+    a = f"{pre}self_attn."
+    sd[a + "in_proj_weight"] = sd[a + "in_proj_weight"][rows][:, s]
+    sd[a + "in_proj_bias"] = sd[a + "in_proj_bias"][rows]
+    sd[a + "out_proj.weight"] = sd[a + "out_proj.weight"][s][:, cols]
+    sd[a + "out_proj.bias"] = sd[a + "out_proj.bias"][s]
+    sd[pre + "linear1.weight"] = sd[pre + "linear1.weight"][hidden][:, s]
+    sd[pre + "linear1.bias"] = sd[pre + "linear1.bias"][hidden]
+    sd[pre + "linear2.weight"] = sd[pre + "linear2.weight"][s][:, hidden]
+    for n in ("linear2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"):
+        sd[pre + n] = sd[pre + n][s]
+
+
+def _randomise_vectors(model: nn.Module) -> None:
+    """Biases and norms start constant; give them values that a wrong order would show."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape))
+
+
+def _random_perms(names: list[str], sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randperm(sizes.get(n.rsplit(".", 1)[-1], 12), generator=gen) for n in names}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["tiny_encoder", "encoder_layer"])
+def test_planted_permutation_with_heads_by_hand(kind: str, batch_first: bool) -> None:
+    """A permutation planted by hand (stream, feed-forward and within-head units) keeps the function,
+    and weight matching finds its inverse exactly."""
+    torch.manual_seed(0)
+    model = TinyEncoder(batch_first=batch_first) if kind == "tiny_encoder" else _encoder_wrapped(batch_first)
+    _randomise_vectors(model)
+    model.eval()
+    x = torch.randn(4, 5, 3) if batch_first else torch.randn(5, 4, 3)
+    layers = ["encoder.layers.0.", "encoder.layers.1."] if kind == "tiny_encoder" else ["1."]
+    stream = "embed" if kind == "tiny_encoder" else "0"
+    names = [stream] + [
+        f"{pre}{n}"
+        for pre in layers
+        for n in ["linear1"] + [f"self_attn.head{h}.{p}" for h in (0, 1) for p in ("qk", "v")]
+    ]
+    perms = _random_perms(names, {stream: 8, "qk": 4, "v": 4}, seed=7)
+    s = perms[stream]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    first, last = ("embed", "head") if kind == "tiny_encoder" else ("0", "2")
+    sd[f"{first}.weight"], sd[f"{first}.bias"] = sd[f"{first}.weight"][s], sd[f"{first}.bias"][s]
+    sd[f"{last}.weight"] = sd[f"{last}.weight"][:, s]
+    for pre in layers:
+        _permute_encoder_layer_by_hand(sd, pre, s, perms)
+    if kind == "tiny_encoder":
+        sd["pos"] = sd["pos"][..., s]
+        sd["encoder.norm.weight"], sd["encoder.norm.bias"] = (
+            sd["encoder.norm.weight"][s],
+            sd["encoder.norm.bias"][s],
+        )
+    planted = copy.deepcopy(model)
+    planted.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(planted(x), model(x), atol=1e-5, rtol=1e-5)
+
+    spec = permutation_spec(model, example_input=x)
+    assert set(spec.groups) == set(names)
+    for n, t in apply_permutation(model, spec, perms).state_dict().items():  # the code plants the same
+        assert torch.equal(t, sd[n]), n
+    m = weight_matching(spec, model.state_dict(), planted.state_dict())
+    for n, p in perms.items():  # planted unit i is the model's unit p[i]; undoing it is p's inverse
+        assert torch.equal(m.perms[n], torch.argsort(p)), n
+    for n, t in apply_permutation(planted, spec, m.perms).state_dict().items():
+        assert torch.equal(t, model.state_dict()[n]), n
+
+
+def test_planted_permutation_of_separate_projections_keeps_the_function() -> None:
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    _randomise_vectors(model)
+    x, memory = torch.randn(4, 5, 3), torch.randn(4, 6, 4)
+    spec = permutation_spec(model)
+    gen = torch.Generator().manual_seed(3)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    planted = apply_permutation(model, spec, perms)
+    # head 1's keys, by hand: rows 2..3 of k_proj_weight in the order perms["attn.head1.qk"], columns by k_in's
+    k_rows = 2 + perms["attn.head1.qk"]
+    torch.testing.assert_close(
+        planted.state_dict()["attn.k_proj_weight"][2:4],
+        model.state_dict()["attn.k_proj_weight"][k_rows][:, perms["k_in"]],
+        atol=0,
+        rtol=0,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(planted(x, memory), model(x, memory), atol=1e-5, rtol=1e-5)
+    m = weight_matching(spec, model.state_dict(), planted.state_dict())
+    for n, p in perms.items():
+        assert torch.equal(m.perms[n], torch.argsort(p)), n

@@ -17,6 +17,11 @@ the feature axis of each value carries:
 - concatenations along the feature axis put groups side by side;
 - flattening a conv feature map into a Linear repeats each channel over the spatial
   positions (the repeat factor is read from the Linear's ``in_features``).
+- multi-head attention (``nn.MultiheadAttention``, alone or inside a
+  ``TransformerEncoderLayer``) ties its inputs to the in-projection's input axis, starts
+  a group at ``out_proj``'s output, and inside each head gives the query/key units one
+  group and the value units (with ``out_proj``'s matching input columns) another: these
+  axes are blocks of one weight, an :class:`AxisRef` with a ``start``.
 
 The model's input and output axes are fixed, and so is every group that reaches an op
 this module does not understand; :meth:`PermutationSpec.explain` says which node fixed
@@ -484,28 +489,68 @@ class _Builder:
     def attention(
         self, node: fx.Node, name: str, mod: nn.MultiheadAttention
     ) -> tuple[_Feat | None, int | None, bool]:
-        """Multi-head attention: its inputs share the in-projection's input axis; its output starts a group.
+        """Multi-head attention: its inputs tie the projections' input axes; its output starts a group.
 
-        The units inside each head (query/key and value dimensions) stay in place.
+        Inside each head, the query/key units and the value units get groups of their own
+        (see :meth:`head_groups`).
         """
         q, k, v = (_arg(node, i, key, None) for i, key in enumerate(("query", "key", "value")))
         feats = [self.feat.get(t.name) if isinstance(t, fx.Node) else None for t in (q, k, v)]
-        ok = mod._qkv_same_embed_dim and mod.in_proj_weight is not None
-        if not ok or any(f is not None and (f.layout != "last" or f.repeat != 1) for f in feats):
-            self.unknown(node, "attention with separate query/key/value projections or unusual inputs")
+        if any(f is not None and (f.layout != "last" or f.repeat != 1) for f in feats):
+            self.unknown(node, "attention over inputs whose features are not on the last axis")
             self.tuples[node.name] = (None, None)
             return None, None, False
-        for f in feats:
+        packed = mod._qkv_same_embed_dim
+        entries = [f"{name}.in_proj_weight"] * 3 if packed else [f"{name}.{c}_proj_weight" for c in "qkv"]
+        if packed and any(f is None for f in feats):  # one weight reads all three inputs
+            for f in feats:
+                self.fix(f, node.name, "the packed in-projection also reads an input that cannot be permuted")
+        for t, f, entry in zip((q, k, v), feats, entries, strict=True):
             if f is not None:
-                self.stream_axes(f, [(f"{name}.in_proj_weight", 1)])
-        if mod.bias_k is not None or mod.bias_v is not None:
-            self.fix(feats[0], node.name, "attention with bias_k/bias_v")
+                self.stream_axes(f, [(entry, 1)])
+            elif isinstance(t, fx.Node) and AxisRef(entry, 1) not in {a for a, _ in self.fixed_inputs}:
+                self.fixed_inputs.append((AxisRef(entry, 1), self.why.get(t.name, f"node {t.name!r}")))
+        self.head_groups(name, mod)
         g = self.new_group(mod.embed_dim, name)
         self.add_axis(g, AxisRef(f"{name}.out_proj.weight", 0))
         if mod.out_proj.bias is not None:
             self.add_axis(g, AxisRef(f"{name}.out_proj.bias", 0))
         self.tuples[node.name] = (_Feat(((g, mod.embed_dim),), "last"), None)
         return None, None, False
+
+    def head_groups(self, name: str, mod: nn.MultiheadAttention) -> None:
+        """Two groups per head ``h`` of ``head_dim`` units each: ``{name}.head{h}.qk`` and ``{name}.head{h}.v``.
+
+        Attention scores ``q_h . k_h`` do not change when the query and key units of head
+        ``h`` are reordered alike, so one group holds head ``h``'s query and key rows of the
+        in-projection (packed ``in_proj_weight`` / ``in_proj_bias`` blocks at ``h * head_dim``
+        and ``embed_dim + h * head_dim``, or the separate ``q_proj_weight`` / ``k_proj_weight``
+        rows) and its slice of ``bias_k``. The head's output is its attention-weighted values,
+        read by ``out_proj``'s input columns ``h * head_dim ...``: a second group holds the
+        value rows, ``bias_v``'s slice and those columns. Whole heads are not permuted as
+        blocks: a head permutation composed with the within-head ones acts on the same rows,
+        and weight matching's coordinate descent over groups assumes groups on one axis
+        touch disjoint positions.
+        """
+        e, hd = mod.embed_dim, mod.head_dim
+        packed = mod._qkv_same_embed_dim
+        w = {
+            c: (f"{name}.in_proj_weight", i * e) if packed else (f"{name}.{c}_proj_weight", 0)
+            for i, c in enumerate("qkv")
+        }
+        for h in range(mod.num_heads):
+            for part in ("qk", "v"):
+                g = self.new_group(hd, f"{name}.head{h}.{part}")
+                for c in part:
+                    entry, start = w[c]
+                    self.add_axis(g, AxisRef(entry, 0, start + h * hd))
+                    if mod.in_proj_bias is not None:
+                        self.add_axis(g, AxisRef(f"{name}.in_proj_bias", 0, "qkv".index(c) * e + h * hd))
+                    extra = mod.bias_k if c == "k" else mod.bias_v if c == "v" else None
+                    if extra is not None:
+                        self.add_axis(g, AxisRef(f"{name}.bias_{c}", 2, h * hd))
+                if part == "v":
+                    self.add_axis(g, AxisRef(f"{name}.out_proj.weight", 1, h * hd))
 
     def encoder_layer(
         self, node: fx.Node, name: str, mod: nn.Module, xf: _Feat | None, xd: int | None
@@ -523,6 +568,7 @@ class _Builder:
             self.fix(xf, node.name, "the encoder's input cannot be permuted")
         if xf.layout != "last" or xf.repeat != 1 or xf.total != d:
             return self.unknown(node, "an encoder layer over an axis other than the permuted features")
+        self.head_groups(f"{name}.self_attn", mod.self_attn)
         refs = [(f"{name}.self_attn.in_proj_weight", 1), (f"{name}.self_attn.out_proj.weight", 0)]
         refs += [(f"{name}.linear1.weight", 1), (f"{name}.linear2.weight", 0)]
         refs += [(f"{name}.self_attn.out_proj.bias", 0), (f"{name}.linear2.bias", 0)]
@@ -553,8 +599,8 @@ class _Builder:
             )
         dims = {d % xd for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
         feature = 1 if xf.layout == "channel" else xd - 1
-        if feature in dims or 0 in dims:
-            return self.unknown(node, f"reduces over the feature axis or the batch (dim={dim})")
+        if feature in dims or (0 in dims and xf.layout == "channel"):  # channels must stay at axis 1
+            return self.unknown(node, f"reduces over the feature axis or the batch of a map (dim={dim})")
         nd = xd if keep else xd - len(dims)
         layout = "last" if xf.layout == "last" or nd == 2 else "channel"  # channels stay at axis 1
         return _Feat(xf.segments, layout, xf.repeat), nd, True
