@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from modelfuse import zoo
-from modelfuse.align import align, apply_permutation, permutation_spec, weight_matching
+from modelfuse.align import PermutationSpec, align, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError, ConfigError, RegistryError
+from tests.align.models import AttentionBlock
 
 
 def _planted(model: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -78,6 +79,39 @@ def test_single_group_matches_the_brute_force_optimum() -> None:
     best = max(itertools.permutations(range(5)), key=score)
     m = weight_matching(permutation_spec(b), sa, sb)
     assert tuple(m.perms["features.fc1"].tolist()) == best
+
+
+def test_head_group_sums_its_slices_and_matches_the_brute_force_optimum() -> None:
+    """A within-head group covers two slices of one weight (head 1's query rows 4..7 and key rows
+    12..15 of in_proj): its cost is the sum of both slices' products."""
+    torch.manual_seed(5)
+    a, b = AttentionBlock(), AttentionBlock()
+    for m in (a, b):
+        with torch.no_grad():
+            m.attn.in_proj_bias.copy_(torch.randn(24))
+    sa, sb = a.state_dict(), b.state_dict()
+    wa, wb, ba, bb = (
+        sa["attn.in_proj_weight"],
+        sb["attn.in_proj_weight"],
+        sa["attn.in_proj_bias"],
+        sb["attn.in_proj_bias"],
+    )
+
+    def score(p: tuple[int, ...]) -> float:
+        q, k = [4 + i for i in p], [12 + i for i in p]
+        return float(
+            (wa[4:8] * wb[q]).sum()
+            + (wa[12:16] * wb[k]).sum()
+            + (ba[4:8] * bb[q]).sum()
+            + (ba[12:16] * bb[k]).sum()
+        )
+
+    full = permutation_spec(b)
+    only = PermutationSpec({"attn.head1.qk": full.groups["attn.head1.qk"]}, model_name="AttentionBlock")
+    best = max(itertools.permutations(range(4)), key=score)
+    assert score(best) > score((0, 1, 2, 3))  # the test is not trivial
+    m = weight_matching(only, sa, sb)
+    assert tuple(m.perms["attn.head1.qk"].tolist()) == best
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet_small", "vgg_small"])
