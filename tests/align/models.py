@@ -158,3 +158,16 @@ class TiedEmbeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+class PackedCrossAttention(nn.Module):
+    """Queries from a Linear, keys and values straight from the input: one packed in-projection reads both."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.q_in = nn.Linear(d, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.q_in(x), x, x, need_weights=False)[0])

@@ -12,7 +12,14 @@ from torch import nn
 from modelfuse import zoo
 from modelfuse.align import AxisRef, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError
-from tests.align.models import AttentionBlock, BagOfEmbeddings, CrossAttention, TiedEmbeddings, TinyEncoder
+from tests.align.models import (
+    AttentionBlock,
+    BagOfEmbeddings,
+    CrossAttention,
+    PackedCrossAttention,
+    TiedEmbeddings,
+    TinyEncoder,
+)
 
 
 def _head_axes(attn: str, d: int, hd: int, h: int) -> tuple[set[AxisRef], set[AxisRef]]:
@@ -270,3 +277,22 @@ def test_planted_permutation_of_separate_projections_keeps_the_function() -> Non
     m = weight_matching(spec, model.state_dict(), planted.state_dict())
     for n, p in perms.items():
         assert torch.equal(m.perms[n], torch.argsort(p)), n
+
+
+def test_packed_projection_reading_the_input_fixes_the_query_stream_and_explain_says_why() -> None:
+    spec = permutation_spec(PackedCrossAttention())
+    # in_proj_weight's columns read the queries (q_in's units) and the raw input alike: q_in cannot move
+    fixed = {f.name: f for f in spec.fixed}
+    assert fixed["q_in"].node == "attn" and "packed in-projection" in fixed["q_in"].reason
+    assert AxisRef("attn.in_proj_weight", 1) in fixed["q_in"].axes
+    # the heads still move: their units sit on the other axis of in_proj_weight
+    assert {"attn.head0.qk", "attn.head0.v", "attn.head1.qk", "attn.head1.v", "attn"} <= set(spec.groups)
+    text = spec.explain()
+    assert "fixed q_in (4 units) at node 'attn': the packed in-projection also reads an input" in text
+    assert "fixed input attn.in_proj_weight axis 1: fed by the model's input 'x'" in text
+    model = PackedCrossAttention().eval()
+    x = torch.randn(3, 5, 4)
+    gen = torch.Generator().manual_seed(0)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(apply_permutation(model, spec, perms)(x), model(x), atol=1e-5, rtol=1e-5)
