@@ -171,3 +171,21 @@ class PackedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.attn(self.q_in(x), x, x, need_weights=False)[0])
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer (vit_b_16's architecture) at tiny sizes: 16x16 images, 2 patches of 8."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
+
+
+def tiny_convnext() -> nn.Module:
+    """torchvision's ConvNeXt (convnext_tiny's architecture) with two stages of one block (8 and 16 channels)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt(
+        [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.0, num_classes=5
+    )

@@ -17,6 +17,13 @@ the feature axis of each value carries:
 - concatenations along the feature axis put groups side by side;
 - flattening a conv feature map into a Linear repeats each channel over the spatial
   positions (the repeat factor is read from the Linear's ``in_features``).
+- moving axes (``permute``/``transpose``, channels-last and back) keeps the groups as long
+  as the features land on axis 1 or the last axis; a ``view``/``reshape`` keeps them when it
+  leaves batch and channels (or the last axis) whole, which needs ``example_input`` for
+  the shapes (ViT's patch tokens);
+- parameters combined with permuted features (a learned positional embedding, a class
+  token concatenated along the tokens, ConvNeXt's layer scale, ``F.layer_norm``'s
+  weight and bias) join the groups on the axis that broadcasts against the features;
 - multi-head attention (``nn.MultiheadAttention``, alone or inside a
   ``TransformerEncoderLayer``) ties its inputs to the in-projection's input axis, starts
   a group at ``out_proj``'s output, and inside each head gives the query/key units one
@@ -241,6 +248,9 @@ class _Builder:
         self.ndim: dict[str, int | None] = {}
         self.tensor: dict[str, bool] = {}
         self.tuples: dict[str, tuple[_Feat | None, ...]] = {}  # modules returning tuples (attention)
+        self.param_of: dict[
+            str, str
+        ] = {}  # values that are a parameter (or its expand) -> its state-dict name
         self.why: dict[str, str] = {}  # values that cannot be permuted -> why
         self.fixed_inputs: list[tuple[AxisRef, str]] = []
 
@@ -303,7 +313,8 @@ class _Builder:
             if meta is not None and hasattr(meta, "shape"):
                 ndim = len(meta.shape)
             if feat is None and is_tensor:  # remember why this value cannot be permuted
-                first = next(iter(_node_args(node)), None)
+                args = _node_args(node)  # a value that is not a parameter explains better (a class token is)
+                first = next((a for a in args if a.name not in self.param_of), next(iter(args), None))
                 self.why[node.name] = self.why.get(node.name) or (
                     f"the model's input {node.name!r}"
                     if node.op == "placeholder"
@@ -319,7 +330,8 @@ class _Builder:
         if node.op == "placeholder":
             return None, self.ndim.get(node.name), True  # the model's input: fixed by construction
         if node.op == "get_attr":
-            return None, None, True
+            self.param_of[node.name] = str(node.target)
+            return None, self.ndim.get(node.name), True
         x = node.args[0] if node.args else None
         xf = self.feat.get(x.name) if isinstance(x, fx.Node) else None
         xd = self.ndim.get(x.name) if isinstance(x, fx.Node) else None
@@ -353,6 +365,12 @@ class _Builder:
                 return self.index(node, xf, xd, node.args[1])
             if fn in (torch.mean, torch.sum, torch.amax, torch.amin):
                 return self.reduce(node, xf, xd)
+            if fn is torch.permute:
+                return self.permute(node, xf, xd, _arg(node, 1, "dims", None))
+            if fn is torch.transpose:
+                return self.transpose(node, xf, xd)
+            if fn is F.layer_norm:
+                return self.layer_norm(node, xf, xd)
         if node.op == "call_method":
             m = str(node.target)
             if m in _SHAPE_METHODS:
@@ -371,7 +389,77 @@ class _Builder:
                     shape = tuple(shape[0])
                 if len(shape) == 2 and shape[1] == -1:
                     return self.flatten(node, xf, xd, 1, -1)
+                return self.reshape(node, xf)
+            if m == "permute":
+                dims = node.args[1:]
+                return self.permute(node, xf, xd, dims[0] if len(dims) == 1 else dims)
+            if m == "transpose":
+                return self.transpose(node, xf, xd)
+            if m == "expand" and isinstance(x, fx.Node) and x.name in self.param_of:
+                self.param_of[node.name] = self.param_of[x.name]  # a class token repeated over the batch
+                return None, None, True
         return self.unknown(node, f"{node.op} {_target_name(node)} is not understood by permutation tracing")
+
+    def reshape(self, node: fx.Node, xf: _Feat | None) -> tuple[_Feat | None, int | None, bool]:
+        """A view/reshape that keeps the feature axis whole: batch and channels kept (spatial dims merged or
+        split), or the last axis kept (leading dims merged or split). Shapes come from ``example_input``."""
+        x = node.args[0]
+        src, dst = _shape(x) if isinstance(x, fx.Node) else None, _shape(node)
+        if xf is None:
+            return None, None if dst is None else len(dst), True
+        if src is None or dst is None:
+            return self.unknown(
+                node, "a reshape whose shapes are unknown (pass example_input= to permutation_spec)"
+            )
+        if xf.repeat == 1 and xf.layout == "channel" and len(dst) >= 3 and src[:2] == dst[:2]:
+            return xf, len(dst), True
+        if xf.repeat == 1 and xf.layout == "last" and src[-1:] == dst[-1:]:
+            return xf, len(dst), True
+        return self.unknown(
+            node, f"a reshape from {tuple(src)} to {tuple(dst)} that splits or moves the features"
+        )
+
+    def permute(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None, dims: Any
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """Moving axes (channels-last and back, tokens x features): the features must land on axis 1 or last."""
+        if xf is None:
+            return None, xd, True
+        if xd is None or not isinstance(dims, (tuple, list)) or len(dims) != xd or xf.repeat != 1:
+            return self.unknown(node, "moves axes of unknown rank (pass example_input= to permutation_spec)")
+        dims = [int(d) % xd for d in dims]
+        feature = 1 if xf.layout == "channel" else xd - 1
+        new = dims.index(feature)
+        if new == xd - 1:
+            return _Feat(xf.segments, "last"), xd, True
+        if new == 1:
+            return _Feat(xf.segments, "channel"), xd, True
+        return self.unknown(node, f"moves the features to axis {new}, neither axis 1 nor the last")
+
+    def transpose(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        a, b = _arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)
+        if xd is None or not isinstance(a, int) or not isinstance(b, int):
+            return self.permute(node, xf, xd, None)
+        dims = list(range(xd))
+        dims[a % xd], dims[b % xd] = dims[b % xd], dims[a % xd]
+        return self.permute(node, xf, xd, dims)
+
+    def layer_norm(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """``F.layer_norm`` over the last axis (torchvision's LayerNorm2d): its weight and bias join the features."""
+        if xf is None:
+            return None, xd, True
+        shape = _arg(node, 1, "normalized_shape", None)
+        affine = [_arg(node, i, k, None) for i, k in ((2, "weight"), (3, "bias"))]
+        affine = [a for a in affine if a is not None]
+        ok = xf.layout == "last" and xf.repeat == 1 and isinstance(shape, (tuple, list)) and len(shape) == 1
+        if not ok or not all(isinstance(a, fx.Node) and a.name in self.param_of for a in affine):
+            return self.unknown(node, "layer_norm over more than the permuted feature axis")
+        self.stream_axes(xf, [(self.param_of[a.name], 0) for a in affine])
+        return xf, xd, True
 
     def unknown(self, node: fx.Node, reason: str) -> tuple[_Feat | None, int | None, bool]:
         args = _node_args(node)
@@ -680,9 +768,10 @@ class _Builder:
         feats = [self.feat.get(a.name) for a in tensors]
         ndims = [self.ndim.get(a.name) for a in tensors]
         known = [f for f in feats if f is not None]
-        params = [a for a, f in zip(tensors, feats, strict=True) if f is None and a.op == "get_attr"]
-        if known and len(params) + len(known) == len(tensors) and self.tie_params(params, known[0]):
-            tensors = [a for a in tensors if a.op != "get_attr"]
+        params = [a for a, f in zip(tensors, feats, strict=True) if f is None and a.name in self.param_of]
+        fd = next((d for f, d in zip(feats, ndims, strict=True) if f is not None and d is not None), None)
+        if known and len(params) + len(known) == len(tensors) and self.tie_params(params, known[0], fd):
+            tensors = [a for a in tensors if a.name not in self.param_of]
             feats, ndims = [self.feat.get(a.name) for a in tensors], [self.ndim.get(a.name) for a in tensors]
         ndim = next((d for d in ndims if d is not None), None)
         if any(f is None for f in feats):
@@ -702,17 +791,25 @@ class _Builder:
                 self.union(ga, gb, node.name)
         return first, ndim, True
 
-    def tie_params(self, params: list[fx.Node], xf: _Feat) -> bool:
-        """Parameters added to a Linear output (a learned positional embedding) join its groups on their last axis."""
+    def tie_params(self, params: list[fx.Node], xf: _Feat, ndim: int | None) -> bool:
+        """Parameters combined with permuted features (a learned positional embedding, a class token, a
+        layer scale) join their groups on the axis that broadcasts against the features."""
         state = self.gm.state_dict()
-        if xf.layout != "last" or xf.repeat != 1:
+        if xf.repeat != 1 or (xf.layout == "channel" and ndim is None):
             return False
+        ties: list[tuple[str, int]] = []
         for p in params:
-            t = state.get(str(p.target))
-            if t is None or t.dim() == 0 or t.shape[-1] != xf.total:
+            name = self.param_of[p.name]
+            t = state.get(name)
+            if t is None or t.dim() == 0:
                 return False
-        for p in params:
-            self.stream_axes(xf, [(str(p.target), state[str(p.target)].dim() - 1)])
+            axis = t.dim() - 1 if xf.layout == "last" else t.dim() - (ndim or 0) + 1
+            if axis < 0 or t.shape[axis] not in (1, xf.total):
+                return False
+            if t.shape[axis] == xf.total:  # a size-1 axis broadcasts alike over every unit: nothing to move
+                ties.append((name, axis))
+        for name, axis in ties:
+            self.stream_axes(xf, [(name, axis)])
         return True
 
     def cat(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
@@ -722,10 +819,12 @@ class _Builder:
             return self.unknown(node, "concatenates values it cannot follow")
         feats = [self.feat.get(p.name) for p in parts]
         ndim = next((self.ndim.get(p.name) for p in parts if self.ndim.get(p.name) is not None), None)
-        if any(f is None for f in feats):
-            return self.unknown(node, "concatenates permuted features with a tensor that cannot be permuted")
-        layouts = {f.layout for f in feats if f is not None}
-        repeats = {f.repeat for f in feats if f is not None}
+        known = [f for f in feats if f is not None]
+        params = [p for p, f in zip(parts, feats, strict=True) if f is None and p.name in self.param_of]
+        if not known:
+            return None, ndim, True
+        layouts = {f.layout for f in known}
+        repeats = {f.repeat for f in known}
         if len(layouts) != 1 or repeats != {1}:
             return self.unknown(node, "concatenates feature axes laid out differently")
         layout = layouts.pop()
@@ -733,11 +832,16 @@ class _Builder:
         on_features = dim == feature_dim or (
             ndim is not None and dim in (feature_dim + ndim, feature_dim - ndim)
         )
-        if on_features:
-            segments = tuple(s for f in feats if f is not None for s in f.segments)
+        if on_features and len(known) == len(feats):
+            segments = tuple(s for f in known for s in f.segments)
             return _Feat(segments, layout), ndim, True
-        if dim == 0:  # along the batch: every part keeps its features, so they share permutations
-            return self.binary_like(node, feats, ndim)
+        # along the batch or the tokens: every part keeps its features, so they share permutations;
+        # a parameter among them (a class token) joins them
+        along_other = not on_features and (dim == 0 or ndim is not None)
+        if along_other and len(known) + len(params) == len(feats) and self.tie_params(params, known[0], ndim):
+            return self.binary_like(node, known, ndim)
+        if any(f is None for f in feats):
+            return self.unknown(node, "concatenates permuted features with a tensor that cannot be permuted")
         return self.unknown(node, f"concatenates along dim {dim}, not the feature axis")
 
     def binary_like(
@@ -813,6 +917,12 @@ def _arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(key, default)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ``example_input`` gave ``node``, if any."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _qualname(fn: Any) -> str:
