@@ -296,3 +296,28 @@ def test_packed_projection_reading_the_input_fixes_the_query_stream_and_explain_
     perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
     with torch.no_grad():
         torch.testing.assert_close(apply_permutation(model, spec, perms)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["weights", "activations"])
+def test_ot_fusion_of_a_permuted_encoder_gives_back_its_function(mode: str) -> None:
+    """Exact OT between an encoder and its permuted copy is the inverse permutation, heads included (the
+    groups inside heads carry no traced activation: their cost comes from the weights)."""
+    pytest.importorskip("ot")
+    from modelfuse.align.ot_fusion import ot_fusion
+
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    _randomise_vectors(model)
+    x = torch.randn(16, 5, 3)
+    spec = permutation_spec(model, example_input=x)
+    gen = torch.Generator().manual_seed(1)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    permuted = apply_permutation(model, spec, perms).eval()
+    data = [x] if mode == "activations" else None
+    fused = ot_fusion(model, permuted, mode=mode, data=data, spec=spec, spec_b=spec)
+    for n, p in perms.items():  # T maps the permuted copy's unit j = p^-1(i) onto unit i
+        expected = torch.zeros(p.numel(), p.numel(), dtype=torch.float64)
+        expected[p, torch.arange(p.numel())] = 1.0 / p.numel()
+        torch.testing.assert_close(fused.transports[n], expected, atol=1e-9, rtol=0, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.model.eval()(x), model(x), atol=1e-5, rtol=1e-5)
