@@ -180,9 +180,13 @@ def _permute_encoder_layer_by_hand(
     heads, hidden = d // hd, perms[f"{pre}linear1"]
     qk = [perms[f"{pre}self_attn.head{h}.qk"] for h in range(heads)]
     v = [perms[f"{pre}self_attn.head{h}.v"] for h in range(heads)]
+    # whole heads (if planted) move first: position h then holds old head sigma[h], whose units qk[h] / v[h] reorder
+    sigma = perms.get(f"{pre}self_attn.heads", torch.arange(heads))
     # in_proj rows: [queries of head 0, 1, ...; keys ...; values ...]; head h of block c starts at c*d + h*hd
-    rows = torch.cat([c * d + h * hd + (qk[h] if c < 2 else v[h]) for c in range(3) for h in range(heads)])
-    cols = torch.cat([h * hd + v[h] for h in range(heads)])
+    rows = torch.cat(
+        [c * d + sigma[h] * hd + (qk[h] if c < 2 else v[h]) for c in range(3) for h in range(heads)]
+    )
+    cols = torch.cat([sigma[h] * hd + v[h] for h in range(heads)])
     a = f"{pre}self_attn."
     sd[a + "in_proj_weight"] = sd[a + "in_proj_weight"][rows][:, s]
     sd[a + "in_proj_bias"] = sd[a + "in_proj_bias"][rows]
@@ -321,3 +325,76 @@ def test_ot_fusion_of_a_permuted_encoder_gives_back_its_function(mode: str) -> N
         torch.testing.assert_close(fused.transports[n], expected, atol=1e-9, rtol=0, msg=n)
     with torch.no_grad():
         torch.testing.assert_close(fused.model.eval()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_whole_heads_spec_by_hand() -> None:
+    spec = permutation_spec(AttentionBlock(), whole_heads=True)  # d 8, 2 heads of 4
+    heads = spec.groups["attn.heads"]
+    assert heads.size == 2 and heads.inner == (
+        ("attn.head0.qk", "attn.head0.v"),
+        ("attn.head1.qk", "attn.head1.v"),
+    )
+    assert set(heads.axes) == {
+        AxisRef(f"attn.in_proj_{w}", 0, s, 4) for w in ("weight", "bias") for s in (0, 8, 16)
+    } | {AxisRef("attn.out_proj.weight", 1, 0, 4)}
+    names = list(spec.groups)  # blocks move before the groups inside them
+    assert names.index("attn.heads") < min(names.index(n) for n in ("attn.head0.qk", "attn.head1.v"))
+    assert (
+        "attn.heads (2 units, unit i a block reordered inside by attn.head0.qk, attn.head0.v"
+        in spec.explain()
+    )
+    assert "attn.heads" not in permutation_spec(AttentionBlock()).groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_whole_head_permutation_by_hand_is_recovered(seed: int) -> None:
+    """Heads swapped and reordered inside, by hand: same function; weight matching with whole heads undoes it."""
+    torch.manual_seed(seed)
+    model = TinyEncoder().eval()
+    _randomise_vectors(model)
+    x = torch.randn(4, 5, 3)
+    layers = ["encoder.layers.0.", "encoder.layers.1."]
+    names = ["embed"] + [
+        f"{pre}{n}"
+        for pre in layers
+        for n in ["linear1", "self_attn.heads"]
+        + [f"self_attn.head{h}.{p}" for h in (0, 1) for p in ("qk", "v")]
+    ]
+    perms = _random_perms(names, {"embed": 8, "qk": 4, "v": 4, "heads": 2}, seed=seed + 10)
+    for pre in layers:
+        perms[f"{pre}self_attn.heads"] = torch.tensor([1, 0])  # the heads swap places
+    s = perms["embed"]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["embed.weight"], sd["embed.bias"], sd["pos"] = (
+        sd["embed.weight"][s],
+        sd["embed.bias"][s],
+        sd["pos"][:, s],
+    )
+    sd["head.weight"] = sd["head.weight"][:, s]
+    sd["encoder.norm.weight"], sd["encoder.norm.bias"] = (
+        sd["encoder.norm.weight"][s],
+        sd["encoder.norm.bias"][s],
+    )
+    for pre in layers:
+        _permute_encoder_layer_by_hand(sd, pre, s, perms)
+    planted = copy.deepcopy(model)
+    planted.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(planted(x), model(x), atol=1e-5, rtol=1e-5)
+
+    spec = permutation_spec(model, example_input=x, whole_heads=True)
+    assert set(spec.groups) == set(names)
+    for n, t in apply_permutation(model, spec, perms).state_dict().items():  # the code plants the same
+        assert torch.equal(t, sd[n]), n
+    m = weight_matching(spec, model.state_dict(), planted.state_dict(), seed=seed)
+    for pre in layers:  # undo: heads swap back; inside position i, the inverse of what head sigma'(i) got
+        back = torch.argsort(perms[f"{pre}self_attn.heads"])
+        assert torch.equal(m.perms[f"{pre}self_attn.heads"], back)
+        for i in (0, 1):
+            for p in ("qk", "v"):
+                planted_inside = perms[f"{pre}self_attn.head{int(back[i])}.{p}"]
+                assert torch.equal(m.perms[f"{pre}self_attn.head{i}.{p}"], torch.argsort(planted_inside))
+    for n in ("embed", "encoder.layers.0.linear1", "encoder.layers.1.linear1"):
+        assert torch.equal(m.perms[n], torch.argsort(perms[n])), n
+    for n, t in apply_permutation(planted, spec, m.perms).state_dict().items():
+        assert torch.equal(t, model.state_dict()[n]), n

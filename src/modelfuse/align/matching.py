@@ -70,6 +70,11 @@ def weight_matching(
     over the groups in a random order, each step solving the linear assignment
     ``max_P sum_i <W_a^(i), P W_b^(i) (other permutations applied)>`` over the group's axes
     with ``scipy.optimize.linear_sum_assignment``, until a whole pass improves no group.
+
+    A group of whole blocks with groups inside them (attention heads, ``inner``) is solved
+    jointly with them: for every pair of blocks the inner groups' best assignments give
+    the pair's score, the blocks are assigned on those scores, and each inner group takes
+    the assignment of the pair it ended up in.
     """
     if max_passes < 1:
         raise ConfigError(f"max_passes must be at least 1; found {max_passes}")
@@ -90,6 +95,10 @@ def weight_matching(
         for gi in rng.permutation(len(names)):
             name = names[gi]
             g = spec.groups[name]
+            if g.inner:
+                if _block_step(spec, g, perms, moved, wa, wb_all, axes_of):
+                    converged = False
+                continue
             cost = torch.zeros(g.size, g.size, dtype=torch.float64)
             for ref in g.axes:
                 others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref and gn in moved]
@@ -104,6 +113,60 @@ def weight_matching(
                 moved.add(name)  # identity permutations need not be applied
                 converged = False
     return Matching(perms, passes, converged)
+
+
+def _assign(cost: torch.Tensor) -> torch.Tensor:
+    """The permutation ``p`` maximising ``sum_i cost[i, p[i]]``."""
+    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+
+
+def _block_step(
+    spec: PermutationSpec,
+    g: Any,
+    perms: dict[str, torch.Tensor],
+    moved: set[str],
+    wa: Mapping[str, torch.Tensor],
+    wb_all: Mapping[str, torch.Tensor],
+    axes_of: Mapping[str, list[tuple[str, AxisRef]]],
+) -> bool:
+    """One joint step for the block group ``g`` and its inner groups; True if it improved the match."""
+    own = {g.name} | {n for names in g.inner for n in names}
+    wb = {
+        e: permute_tensor(
+            wb_all[e], [(r, perms[gn]) for gn, r in axes_of[e] if gn not in own and gn in moved]
+        )
+        for e in {ax.name for n in own for ax in spec.groups[n].axes}
+    }
+    n_blocks = g.size
+    score = torch.zeros(n_blocks, n_blocks, dtype=torch.float64)
+    best: dict[tuple[int, int, int], torch.Tensor] = {}
+    current = 0.0
+    for k in range(len(g.inner[0])):
+        for i in range(n_blocks):
+            ga = spec.groups[g.inner[i][k]]
+            for j in range(n_blocks):
+                gb = spec.groups[g.inner[j][k]]
+                cost = torch.zeros(ga.size, ga.size, dtype=torch.float64)
+                for ra, rb in zip(ga.axes, gb.axes, strict=True):  # block i of A against block j of B
+                    cost += (_block(wa[ra.name], ra, ga.size) @ _block(wb[rb.name], rb, ga.size).T).to(
+                        torch.float64
+                    )
+                p = _assign(cost)
+                best[k, i, j] = p
+                score[i, j] += cost[torch.arange(ga.size), p].sum()
+                if j == perms[g.name][i]:  # what the current match scores
+                    current += cost[torch.arange(ga.size), perms[ga.name]].sum().item()
+    sigma = _assign(score)
+    new = score[torch.arange(n_blocks), sigma].sum().item()
+    if new <= current + 1e-12 * max(1.0, abs(current)):
+        return False
+    perms[g.name] = sigma
+    for k in range(len(g.inner[0])):
+        for i in range(n_blocks):
+            perms[g.inner[i][k]] = best[k, i, int(sigma[i])]
+    moved.update(own)
+    return True
 
 
 class _Taps(fx.Interpreter):

@@ -28,7 +28,9 @@ the feature axis of each value carries:
   ``TransformerEncoderLayer``) ties its inputs to the in-projection's input axis, starts
   a group at ``out_proj``'s output, and inside each head gives the query/key units one
   group and the value units (with ``out_proj``'s matching input columns) another: these
-  axes are blocks of one weight, an :class:`AxisRef` with a ``start``.
+  axes are blocks of one weight, an :class:`AxisRef` with a ``start``; with
+  ``whole_heads=True`` a group of whole heads (blocks of ``head_dim`` positions, an
+  :class:`AxisRef` with a ``repeat``) moves the heads before the groups inside them act.
 
 The model's input and output axes are fixed, and so is every group that reaches an op
 this module does not understand; :meth:`PermutationSpec.explain` says which node fixed
@@ -68,12 +70,19 @@ class AxisRef:
 
 @dataclass(frozen=True)
 class PermutationGroup:
-    """Weight axes that share one permutation of ``size`` units."""
+    """Weight axes that share one permutation of ``size`` units.
+
+    ``inner`` (whole attention heads): unit ``i`` is a block of positions (``repeat`` > 1)
+    whose own units the groups ``inner[i]`` reorder. Blocks move first; ``inner[i]`` then
+    reorders the block that has arrived at position ``i`` (the spec lists this group
+    before its inner groups, the order in which permutations are applied).
+    """
 
     name: str
     size: int
     axes: tuple[AxisRef, ...]
     producers: tuple[str, ...] = ()  # fx nodes whose output carries exactly this group on its feature axis
+    inner: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,8 @@ class PermutationSpec:
         """A readable listing of the permutable groups and of the fixed axes with their reasons."""
         lines = [f"{self.model_name}: {len(self.groups)} permutation group(s), {len(self.fixed)} fixed"]
         for g in self.groups.values():
-            lines.append(f"  group {g.name} ({g.size} units)")
+            blocks = f", unit i a block reordered inside by {', '.join(g.inner[0])}, ..." if g.inner else ""
+            lines.append(f"  group {g.name} ({g.size} units{blocks})")
             lines += [f"    {_fmt_axis(a)}" for a in g.axes]
         for f in self.fixed:
             lines.append(f"  fixed {f.name} ({f.size} units) at node {f.node!r}: {f.reason}")
@@ -235,8 +245,10 @@ _NORM_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class _Builder:
     """Union-find over groups plus the axes attached to them while walking the graph."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, whole_heads: bool = False) -> None:
         self.gm = gm
+        self.whole_heads = whole_heads
+        self.inner: dict[int, list[list[int]]] = {}  # whole-head group -> per head, its within-head groups
         self.modules = dict(gm.named_modules())
         self.parent: list[int] = []
         self.size: list[int] = []
@@ -615,10 +627,12 @@ class _Builder:
         and ``embed_dim + h * head_dim``, or the separate ``q_proj_weight`` / ``k_proj_weight``
         rows) and its slice of ``bias_k``. The head's output is its attention-weighted values,
         read by ``out_proj``'s input columns ``h * head_dim ...``: a second group holds the
-        value rows, ``bias_v``'s slice and those columns. Whole heads are not permuted as
-        blocks: a head permutation composed with the within-head ones acts on the same rows,
-        and weight matching's coordinate descent over groups assumes groups on one axis
-        touch disjoint positions.
+        value rows, ``bias_v``'s slice and those columns.
+
+        With ``whole_heads`` a group ``{name}.heads`` of ``num_heads`` units also moves whole
+        heads (blocks of ``head_dim`` positions in the q, k and v rows, their biases, and
+        ``out_proj``'s input columns) before the within-head groups act; see
+        :class:`PermutationGroup` ``inner``.
         """
         e, hd = mod.embed_dim, mod.head_dim
         packed = mod._qkv_same_embed_dim
@@ -626,7 +640,20 @@ class _Builder:
             c: (f"{name}.in_proj_weight", i * e) if packed else (f"{name}.{c}_proj_weight", 0)
             for i, c in enumerate("qkv")
         }
+        if self.whole_heads and mod.num_heads > 1:
+            heads = self.new_group(mod.num_heads, f"{name}.heads")
+            for i, c in enumerate("qkv"):
+                self.add_axis(heads, AxisRef(w[c][0], 0, w[c][1], hd))
+                if mod.in_proj_bias is not None:
+                    self.add_axis(heads, AxisRef(f"{name}.in_proj_bias", 0, i * e, hd))
+            for c, extra in (("k", mod.bias_k), ("v", mod.bias_v)):
+                if extra is not None:
+                    self.add_axis(heads, AxisRef(f"{name}.bias_{c}", 2, 0, hd))
+            self.add_axis(heads, AxisRef(f"{name}.out_proj.weight", 1, 0, hd))
+            self.inner[heads] = []
         for h in range(mod.num_heads):
+            if self.whole_heads and mod.num_heads > 1:
+                self.inner[heads].append([len(self.parent), len(self.parent) + 1])  # the next two groups
             for part in ("qk", "v"):
                 g = self.new_group(hd, f"{name}.head{h}.{part}")
                 for c in part:
@@ -893,17 +920,22 @@ class _Builder:
         groups: dict[str, PermutationGroup] = {}
         fixed: list[FixedGroup] = []
         used: set[str] = set()
+        names: dict[int, str] = {}
         for r in roots:
             name = self.label[r]
             while name in used:
                 name += "'"
             used.add(name)
+            names[r] = name
+        for r in roots:
+            name = names[r]
             axes = tuple(self.axes[r])
             if r in self.fixed:
                 node, reason = self.fixed[r]
                 fixed.append(FixedGroup(name, self.size[r], axes, node, reason))
             else:
-                groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())))
+                inner = tuple(tuple(names[self.find(i)] for i in ids) for ids in self.inner.get(r, ()))
+                groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())), inner)
         return PermutationSpec(groups, tuple(fixed), model_name, taps, tuple(self.fixed_inputs))
 
 
@@ -934,8 +966,13 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+def permutation_spec(
+    model: nn.Module, example_input: torch.Tensor | None = None, *, whole_heads: bool = False
+) -> PermutationSpec:
     """The permutation groups of ``model``'s weights, derived by tracing it with torch.fx.
+
+    ``whole_heads`` adds, per multi-head attention, a group that moves whole heads
+    (``{attention}.heads``) on top of the groups inside each head.
 
     ``example_input`` (a batch) lets the walk know every value's rank, which reductions
     and indexing over tokens need (``x.mean(1)``, ``x[:, 0]``). Raises
@@ -957,7 +994,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
         finally:
             for m, mode in modes:
                 m.training = mode
-    builder = _Builder(gm)
+    builder = _Builder(gm, whole_heads)
     builder.run()
     builder.tie_aliases(model)
     spec = builder.spec(type(model).__name__)
