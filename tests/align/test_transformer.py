@@ -11,7 +11,7 @@ from torch import nn
 
 from modelfuse import zoo
 from modelfuse.align import AxisRef, apply_permutation, permutation_spec, weight_matching
-from modelfuse.errors import AlignmentError
+from modelfuse.errors import AlignmentError, ConfigError
 from tests.align.models import (
     AttentionBlock,
     BagOfEmbeddings,
@@ -398,3 +398,37 @@ def test_planted_whole_head_permutation_by_hand_is_recovered(seed: int) -> None:
         assert torch.equal(m.perms[n], torch.argsort(perms[n])), n
     for n, t in apply_permutation(planted, spec, m.perms).state_dict().items():
         assert torch.equal(t, model.state_dict()[n]), n
+
+
+def test_activation_matching_finds_the_units_no_node_carries_by_weights() -> None:
+    """The stream is matched on activations; the units inside heads and the encoder's feed-forward units,
+    which no traced node carries, by weight matching with the stream held fixed."""
+    from modelfuse.align import activation_matching
+
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    x = torch.randn(32, 5, 3)
+    spec = permutation_spec(model, example_input=x)
+    assert not spec.groups["encoder.layers.0.self_attn.head1.qk"].producers
+    gen = torch.Generator().manual_seed(1)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    permuted = apply_permutation(model, spec, perms).eval()
+    m = activation_matching(spec, model, permuted, [x])
+    for n, p in perms.items():
+        assert torch.equal(m.perms[n], torch.argsort(p)), n
+
+
+def test_weight_matching_keeps_given_permutations() -> None:
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    spec = permutation_spec(model, example_input=torch.randn(2, 5, 3), whole_heads=True)
+    given = {"embed": torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])}
+    m = weight_matching(spec, model.state_dict(), model.state_dict(), given=given)
+    assert torch.equal(m.perms["embed"], given["embed"])  # held, although the identity would score higher
+    with pytest.raises(ConfigError, match=r"encoder\.layers\.0\.self_attn\.heads, the whole heads"):
+        weight_matching(
+            spec,
+            model.state_dict(),
+            model.state_dict(),
+            given={"encoder.layers.0.self_attn.head0.qk": torch.arange(4)},
+        )
