@@ -156,25 +156,32 @@ def test_tiny_torchvision_vit_and_convnext_specs_by_hand() -> None:
     }
 
 
-@pytest.mark.parametrize("build", [tiny_vit, tiny_convnext])
-def test_tiny_torchvision_vit_and_convnext_compute_the_same_function(build) -> None:
+@pytest.mark.parametrize(
+    ("build", "whole_heads"), [(tiny_vit, False), (tiny_vit, True), (tiny_convnext, False)]
+)
+def test_tiny_torchvision_vit_and_convnext_compute_the_same_function(build, whole_heads: bool) -> None:
     torch.manual_seed(0)
     model = build().eval()
     with torch.no_grad():  # the head starts at zero (ViT) and the layer scales at 1e-6 (ConvNeXt)
         for p in model.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(2, 3, 16, 16)
-    spec = permutation_spec(model, example_input=x)
+    spec = permutation_spec(model, example_input=x, whole_heads=whole_heads)
     gen = torch.Generator().manual_seed(1)
     perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    if whole_heads:  # the heads of the second layer swap places
+        perms["encoder.layers.encoder_layer_1.self_attention.heads"] = torch.tensor([1, 0])
     permuted = apply_permutation(model, spec, perms).eval()
     with torch.no_grad():
         out = model(x)
         assert out.abs().max() > 0.1  # not a constant output
         torch.testing.assert_close(permuted(x), out, atol=1e-5, rtol=1e-5)
     m = weight_matching(spec, model.state_dict(), permuted.state_dict())
-    for n, p in perms.items():
-        assert torch.equal(m.perms[n], torch.argsort(p)), n
+    for n, t in apply_permutation(permuted, spec, m.perms).state_dict().items():
+        assert torch.equal(t, model.state_dict()[n]), n
+    if not whole_heads:  # with whole heads, a unit's group inside a head depends on where the head went
+        for n, p in perms.items():
+            assert torch.equal(m.perms[n], torch.argsort(p)), n
 
 
 def test_tiny_vit_without_example_input_says_which_node_fixes_the_patches() -> None:

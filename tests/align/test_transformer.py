@@ -432,3 +432,39 @@ def test_weight_matching_keeps_given_permutations() -> None:
             model.state_dict(),
             given={"encoder.layers.0.self_attn.head0.qk": torch.arange(4)},
         )
+
+
+def test_whole_heads_of_separate_projections_with_bias_kv() -> None:
+    """3 heads of 2 with q/k/v projections of their own and bias_k/bias_v: the heads rotate, the function stays,
+    and weight matching brings every parameter back."""
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    _randomise_vectors(model)
+    spec = permutation_spec(model, whole_heads=True)
+    assert AxisRef("attn.bias_v", 2, 0, 2) in spec.groups["attn.heads"].axes
+    assert AxisRef("attn.k_proj_weight", 0, 0, 2) in spec.groups["attn.heads"].axes
+    gen = torch.Generator().manual_seed(2)
+    perms = {n: torch.randperm(g.size, generator=gen) for n, g in spec.groups.items()}
+    perms["attn.heads"] = torch.tensor([2, 0, 1])
+    planted = apply_permutation(model, spec, perms).eval()
+    # by hand: position 0 now holds head 2, its value units reordered by head0.v's permutation
+    v_rows = 2 * 2 + perms["attn.head0.v"]
+    torch.testing.assert_close(
+        planted.state_dict()["attn.v_proj_weight"][0:2],
+        model.state_dict()["attn.v_proj_weight"][v_rows][:, perms["v_in"]],
+        atol=0,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        planted.state_dict()["attn.bias_v"][..., 0:2],
+        model.state_dict()["attn.bias_v"][..., v_rows],
+        atol=0,
+        rtol=0,
+    )
+    x, memory = torch.randn(4, 5, 3), torch.randn(4, 6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(planted(x, memory), model(x, memory), atol=1e-5, rtol=1e-5)
+    m = weight_matching(spec, model.state_dict(), planted.state_dict())
+    assert torch.equal(m.perms["attn.heads"], torch.tensor([1, 2, 0]))
+    for n, t in apply_permutation(planted, spec, m.perms).state_dict().items():
+        assert torch.equal(t, model.state_dict()[n]), n
