@@ -468,3 +468,16 @@ def test_whole_heads_of_separate_projections_with_bias_kv() -> None:
     assert torch.equal(m.perms["attn.heads"], torch.tensor([1, 2, 0]))
     for n, t in apply_permutation(planted, spec, m.perms).state_dict().items():
         assert torch.equal(t, model.state_dict()[n]), n
+
+
+def test_ot_fusion_and_zipit_refuse_whole_head_groups() -> None:
+    pytest.importorskip("ot")
+    from modelfuse.align.ot_fusion import ot_fusion
+    from modelfuse.align.zipit import zipit
+
+    model = AttentionBlock().eval()
+    spec = permutation_spec(model, whole_heads=True)
+    with pytest.raises(ConfigError, match=r"OT fusion cannot transport whole-head groups \(attn\.heads"):
+        ot_fusion(model, model, spec=spec, spec_b=spec)
+    with pytest.raises(ConfigError, match=r"ZipIt cannot zip whole-head groups \(attn\.heads"):
+        zipit(model, model, [torch.randn(2, 5, 3)], spec=spec)

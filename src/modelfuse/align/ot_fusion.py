@@ -115,6 +115,12 @@ def transport_tensor(t: torch.Tensor, ref: AxisRef, t_hat: torch.Tensor) -> torc
 def _check_specs(
     spec_a: PermutationSpec, spec_b: PermutationSpec, sa: Mapping[str, Any], sb: Mapping[str, Any]
 ) -> None:
+    blocks = [g.name for g in spec_a.groups.values() if g.inner]
+    if blocks:
+        raise ConfigError(
+            f"OT fusion cannot transport whole-head groups ({blocks[0]}: heads with groups inside them); "
+            "give it a spec made without whole_heads=True"
+        )
     if set(spec_a.groups) != set(spec_b.groups):
         raise AlignmentError(
             "OT fusion needs models of one architecture family (only widths may differ): the permutation "
