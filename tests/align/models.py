@@ -189,3 +189,15 @@ def tiny_convnext() -> nn.Module:
     return ConvNeXt(
         [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.0, num_classes=5
     )
+
+
+class AxisShuffle(nn.Module):
+    """A conv map whose channels are moved to axis 2 (neither channels-first nor last): they cannot be followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).permute(0, 2, 1, 3).flatten(1))

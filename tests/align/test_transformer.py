@@ -208,6 +208,7 @@ def _randomise_vectors(model: nn.Module) -> None:
 
 
 def _random_perms(names: list[str], sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+    """A random permutation per group, sized by the name's last part (``sizes``; 12 feed-forward units else)."""
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.randperm(sizes.get(n.rsplit(".", 1)[-1], 12), generator=gen) for n in names}
 

@@ -260,9 +260,8 @@ class _Builder:
         self.ndim: dict[str, int | None] = {}
         self.tensor: dict[str, bool] = {}
         self.tuples: dict[str, tuple[_Feat | None, ...]] = {}  # modules returning tuples (attention)
-        self.param_of: dict[
-            str, str
-        ] = {}  # values that are a parameter (or its expand) -> its state-dict name
+        # values that are a parameter (or its expand) -> its state-dict name
+        self.param_of: dict[str, str] = {}
         self.why: dict[str, str] = {}  # values that cannot be permuted -> why
         self.fixed_inputs: list[tuple[AxisRef, str]] = []
 
