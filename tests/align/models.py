@@ -74,13 +74,21 @@ class Outer(nn.Module):
 
 
 class TinyEncoder(nn.Module):
-    """Tokens -> Linear embedding + learned positions -> 2 encoder layers + LayerNorm -> mean over tokens -> head."""
+    """Tokens -> Linear embedding + learned positions -> 2 encoder layers + LayerNorm -> mean over tokens -> head.
 
-    def __init__(self, tokens: int = 5, features: int = 3, d: int = 8, classes: int = 4) -> None:
+    With ``batch_first=False`` the input is (tokens, batch, features), as PyTorch's default layout.
+    """
+
+    def __init__(
+        self, tokens: int = 5, features: int = 3, d: int = 8, classes: int = 4, batch_first: bool = True
+    ) -> None:
         super().__init__()
+        self.token_dim = 1 if batch_first else 0
         self.embed = nn.Linear(features, d)
-        self.pos = nn.Parameter(torch.randn(tokens, d))
-        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.pos = nn.Parameter(torch.randn(tokens, d) if batch_first else torch.randn(tokens, 1, d))
+        layer = nn.TransformerEncoderLayer(
+            d, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=batch_first
+        )
         self.encoder = nn.TransformerEncoder(
             layer, num_layers=2, norm=nn.LayerNorm(d), enable_nested_tensor=False
         )
@@ -88,7 +96,25 @@ class TinyEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(self.embed(x) + self.pos)
-        return self.head(h.mean(dim=1))
+        return self.head(h.mean(dim=self.token_dim))
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to a memory of other widths: separate q/k/v projections (kdim, vdim) and bias_k/bias_v."""
+
+    def __init__(self, d: int = 6, kdim: int = 5, vdim: int = 7, heads: int = 3) -> None:
+        super().__init__()
+        self.q_in = nn.Linear(3, d)
+        self.k_in = nn.Linear(4, kdim)
+        self.v_in = nn.Linear(4, vdim)
+        self.attn = nn.MultiheadAttention(d, heads, kdim=kdim, vdim=vdim, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        k, v = torch.relu(self.k_in(memory)), torch.tanh(self.v_in(memory))
+        h = self.q_in(x)
+        h = h + self.attn(h, k, v, need_weights=False)[0]
+        return self.head(h)  # one prediction per query token
 
 
 class AttentionBlock(nn.Module):
@@ -132,3 +158,46 @@ class TiedEmbeddings(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+class PackedCrossAttention(nn.Module):
+    """Queries from a Linear, keys and values straight from the input: one packed in-projection reads both."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.q_in = nn.Linear(d, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.q_in(x), x, x, need_weights=False)[0])
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer (vit_b_16's architecture) at tiny sizes: 16x16 images, 2 patches of 8."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
+
+
+def tiny_convnext() -> nn.Module:
+    """torchvision's ConvNeXt (convnext_tiny's architecture) with two stages of one block (8 and 16 channels)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt(
+        [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.0, num_classes=5
+    )
+
+
+class AxisShuffle(nn.Module):
+    """A conv map whose channels are moved to axis 2 (neither channels-first nor last): they cannot be followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).permute(0, 2, 1, 3).flatten(1))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torchvision
 
 from modelfuse import zoo
 from modelfuse.align import AxisRef, explain, permutation_spec
 from modelfuse.errors import AlignmentError, FusionError
-from tests.align.models import CatNet, FlattenNet, Outer, SortNet
+from tests.align.models import AxisShuffle, CatNet, FlattenNet, Outer, SortNet
 
 
 def _axes(spec):
@@ -104,3 +105,14 @@ def test_depthwise_convolution_keeps_the_channel_group() -> None:
     # the first block: a 3x3 depthwise conv on the stem's 32 channels, then a 1x1 projection
     stem = set(spec.groups["features.0.0"].axes)
     assert {AxisRef("features.1.conv.0.0.weight", 0), AxisRef("features.1.conv.1.weight", 1)} <= stem
+
+
+def test_axes_moved_to_the_middle_fix_their_group_and_explain_names_the_node() -> None:
+    spec = permutation_spec(AxisShuffle(), example_input=torch.randn(2, 1, 4, 4))
+    assert not spec.groups
+    fixed = {f.name: f for f in spec.fixed}
+    assert fixed["conv"].node == "permute" and "moves the features to axis 2" in fixed["conv"].reason
+    assert (
+        "fixed conv (3 units) at node 'permute': moves the features to axis 2, neither axis 1 nor the last"
+        in (spec.explain())
+    )

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from modelfuse import zoo
-from modelfuse.align import align, apply_permutation, permutation_spec, weight_matching
+from modelfuse.align import PermutationSpec, align, apply_permutation, permutation_spec, weight_matching
 from modelfuse.errors import AlignmentError, ConfigError, RegistryError
+from tests.align.models import AttentionBlock
 
 
 def _planted(model: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -78,6 +79,83 @@ def test_single_group_matches_the_brute_force_optimum() -> None:
     best = max(itertools.permutations(range(5)), key=score)
     m = weight_matching(permutation_spec(b), sa, sb)
     assert tuple(m.perms["features.fc1"].tolist()) == best
+
+
+def test_head_group_sums_its_slices_and_matches_the_brute_force_optimum() -> None:
+    """A within-head group covers two slices of one weight (head 1's query rows 4..7 and key rows
+    12..15 of in_proj): its cost is the sum of both slices' products."""
+    torch.manual_seed(5)
+    a, b = AttentionBlock(), AttentionBlock()
+    for m in (a, b):
+        with torch.no_grad():
+            m.attn.in_proj_bias.copy_(torch.randn(24))
+    sa, sb = a.state_dict(), b.state_dict()
+    wa, wb, ba, bb = (
+        sa["attn.in_proj_weight"],
+        sb["attn.in_proj_weight"],
+        sa["attn.in_proj_bias"],
+        sb["attn.in_proj_bias"],
+    )
+
+    def score(p: tuple[int, ...]) -> float:
+        q, k = [4 + i for i in p], [12 + i for i in p]
+        return float(
+            (wa[4:8] * wb[q]).sum()
+            + (wa[12:16] * wb[k]).sum()
+            + (ba[4:8] * bb[q]).sum()
+            + (ba[12:16] * bb[k]).sum()
+        )
+
+    full = permutation_spec(b)
+    only = PermutationSpec({"attn.head1.qk": full.groups["attn.head1.qk"]}, model_name="AttentionBlock")
+    best = max(itertools.permutations(range(4)), key=score)
+    assert score(best) > score((0, 1, 2, 3))  # the test is not trivial
+    m = weight_matching(only, sa, sb)
+    assert tuple(m.perms["attn.head1.qk"].tolist()) == best
+
+
+def test_whole_heads_and_their_insides_match_the_brute_force_optimum() -> None:
+    """Heads (blocks of 3 rows) and the units inside them, searched jointly by brute force over
+    2 head orders x 6^4 inner orders, against weight matching over those groups alone."""
+    torch.manual_seed(6)
+    a, b = AttentionBlock(d=6), AttentionBlock(d=6)  # 2 heads of 3
+    for m in (a, b):
+        with torch.no_grad():
+            m.attn.in_proj_bias.copy_(torch.randn(18))
+    sa, sb = a.state_dict(), b.state_dict()
+    wa, wb = sa["attn.in_proj_weight"], sb["attn.in_proj_weight"]
+    ba, bb = sa["attn.in_proj_bias"], sb["attn.in_proj_bias"]
+    oa, ob = sa["attn.out_proj.weight"], sb["attn.out_proj.weight"]
+
+    def score(
+        sigma: tuple[int, ...], qk: tuple[tuple[int, ...], ...], v: tuple[tuple[int, ...], ...]
+    ) -> float:
+        # position i holds B's head sigma[i], its units reordered by qk[i] (queries, keys) and v[i] (values)
+        rows = [
+            c * 6 + sigma[i] * 3 + u for c in range(3) for i in range(2) for u in (qk[i] if c < 2 else v[i])
+        ]
+        cols = [sigma[i] * 3 + u for i in range(2) for u in v[i]]
+        return float((wa * wb[rows]).sum() + (ba * bb[rows]).sum() + (oa * ob[:, cols]).sum())
+
+    inner = list(itertools.permutations(range(3)))
+    candidates = [
+        (sigma, (q0, q1), (v0, v1))
+        for sigma in itertools.permutations(range(2))
+        for q0, q1, v0, v1 in itertools.product(inner, repeat=4)
+    ]
+    best = max(candidates, key=lambda c: score(*c))
+    assert best[0] == (1, 0)  # the heads do swap: the test is not trivial
+    full = permutation_spec(b, whole_heads=True)
+    keep = ["attn.heads", "attn.head0.qk", "attn.head0.v", "attn.head1.qk", "attn.head1.v"]
+    only = PermutationSpec({n: full.groups[n] for n in keep}, model_name="AttentionBlock")
+    m = weight_matching(only, sa, sb)
+    found = (
+        tuple(m.perms["attn.heads"].tolist()),
+        tuple(tuple(m.perms[f"attn.head{i}.qk"].tolist()) for i in (0, 1)),
+        tuple(tuple(m.perms[f"attn.head{i}.v"].tolist()) for i in (0, 1)),
+    )
+    assert score(*found) == pytest.approx(score(*best), rel=1e-9)
+    assert found == best
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet_small", "vgg_small"])

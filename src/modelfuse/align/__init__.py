@@ -1,7 +1,9 @@
 """Permutation alignment: make independently trained networks mergeable (Git Re-Basin and kin).
 
 - ``permutation_spec(model)``: the groups of weight axes that share one permutation,
-  derived by tracing the model with torch.fx; ``explain(model)`` prints them.
+  derived by tracing the model with torch.fx; ``explain(model)`` prints them. Attention
+  heads get groups inside them (query/key units, value units) and, with
+  ``whole_heads=True``, a group that moves whole heads.
 - ``apply_permutation(model, spec, perms)``: the same function with hidden units reordered.
 - ``align(model_b, to=model_a, method="weight_matching")``: model_b permuted to match model_a.
 - ``ot_fusion(a, b)``: b fused into a by optimal transport of units (widths may differ).

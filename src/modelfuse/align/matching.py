@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
-from modelfuse.align.permute import apply_permutation, permute_tensor
+from modelfuse.align.permute import apply_permutation, check_perms, permute_tensor
 from modelfuse.align.spec import AxisRef, PermutationSpec, permutation_spec, trace
 from modelfuse.errors import AlignmentError, ConfigError
 from modelfuse.io.states import check_same_shapes
@@ -53,6 +53,7 @@ def weight_matching(
     *,
     max_passes: int = 100,
     seed: int = 0,
+    given: Mapping[str, torch.Tensor] | None = None,
 ) -> Matching:
     """Permutations of ``state_b``'s units that maximise its inner product with ``state_a``.
 
@@ -60,18 +61,34 @@ def weight_matching(
     over the groups in a random order, each step solving the linear assignment
     ``max_P sum_i <W_a^(i), P W_b^(i) (other permutations applied)>`` over the group's axes
     with ``scipy.optimize.linear_sum_assignment``, until a whole pass improves no group.
+
+    A group of whole blocks with groups inside them (attention heads, ``inner``) is solved
+    jointly with them: for every pair of blocks the inner groups' best assignments give
+    the pair's score, the blocks are assigned on those scores, and each inner group takes
+    the assignment of the pair it ended up in.
+
+    ``given`` holds permutations of some groups fixed (found otherwise, e.g. from
+    activations); only the other groups are searched.
     """
     if max_passes < 1:
         raise ConfigError(f"max_passes must be at least 1; found {max_passes}")
     check_same_architecture(state_a, state_b)
     axes_of = spec.param_axes()
-    perms = {name: torch.arange(g.size) for name, g in spec.groups.items()}
-    names = list(spec.groups)
+    perms = check_perms(spec, given or {})
+    fixed = set(given or {})
+    for g in spec.groups.values():
+        inside = {n for names in g.inner for n in names} & fixed
+        if inside and g.name not in fixed:
+            raise ConfigError(
+                f"given= holds {sorted(inside)} but not {g.name}, the whole heads they sit in, which are searched "
+                "jointly with them; give both or neither"
+            )
+    names = [n for n in spec.groups if n not in fixed]
     # float32 products (float64 copies of a large model would double its memory), float64 sums
     wa = {k: _as_float(state_a[k]) for k in axes_of}
     wb_all = {k: _as_float(state_b[k]) for k in axes_of}
     rng = np.random.default_rng(seed)
-    moved: set[str] = set()
+    moved: set[str] = set(fixed)
     converged = False
     passes = 0
     while passes < max_passes and not converged:
@@ -80,6 +97,10 @@ def weight_matching(
         for gi in rng.permutation(len(names)):
             name = names[gi]
             g = spec.groups[name]
+            if g.inner:
+                if _block_step(spec, g, perms, moved, wa, wb_all, axes_of):
+                    converged = False
+                continue
             cost = torch.zeros(g.size, g.size, dtype=torch.float64)
             for ref in g.axes:
                 others = [(r, perms[gn]) for gn, r in axes_of[ref.name] if r != ref and gn in moved]
@@ -94,6 +115,60 @@ def weight_matching(
                 moved.add(name)  # identity permutations need not be applied
                 converged = False
     return Matching(perms, passes, converged)
+
+
+def _assign(cost: torch.Tensor) -> torch.Tensor:
+    """The permutation ``p`` maximising ``sum_i cost[i, p[i]]``."""
+    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+
+
+def _block_step(
+    spec: PermutationSpec,
+    g: Any,
+    perms: dict[str, torch.Tensor],
+    moved: set[str],
+    wa: Mapping[str, torch.Tensor],
+    wb_all: Mapping[str, torch.Tensor],
+    axes_of: Mapping[str, list[tuple[str, AxisRef]]],
+) -> bool:
+    """One joint step for the block group ``g`` and its inner groups; True if it improved the match."""
+    own = {g.name} | {n for names in g.inner for n in names}
+    wb = {
+        e: permute_tensor(
+            wb_all[e], [(r, perms[gn]) for gn, r in axes_of[e] if gn not in own and gn in moved]
+        )
+        for e in {ax.name for n in own for ax in spec.groups[n].axes}
+    }
+    n_blocks = g.size
+    score = torch.zeros(n_blocks, n_blocks, dtype=torch.float64)
+    best: dict[tuple[int, int, int], torch.Tensor] = {}
+    current = 0.0
+    for k in range(len(g.inner[0])):
+        for i in range(n_blocks):
+            ga = spec.groups[g.inner[i][k]]
+            for j in range(n_blocks):
+                gb = spec.groups[g.inner[j][k]]
+                cost = torch.zeros(ga.size, ga.size, dtype=torch.float64)
+                for ra, rb in zip(ga.axes, gb.axes, strict=True):  # block i of A against block j of B
+                    cost += (_block(wa[ra.name], ra, ga.size) @ _block(wb[rb.name], rb, ga.size).T).to(
+                        torch.float64
+                    )
+                p = _assign(cost)
+                best[k, i, j] = p
+                score[i, j] += cost[torch.arange(ga.size), p].sum()
+                if j == perms[g.name][i]:  # what the current match scores
+                    current += cost[torch.arange(ga.size), perms[ga.name]].sum().item()
+    sigma = _assign(score)
+    new = score[torch.arange(n_blocks), sigma].sum().item()
+    if new <= current + 1e-12 * max(1.0, abs(current)):
+        return False
+    perms[g.name] = sigma
+    for k in range(len(g.inner[0])):
+        for i in range(n_blocks):
+            perms[g.inner[i][k]] = best[k, i, int(sigma[i])]
+    moved.update(own)
+    return True
 
 
 class _Taps(fx.Interpreter):
@@ -219,6 +294,9 @@ def activation_matching(
     correlation ``C[i, j] = corr(z_a[i], z_b[j])`` of the two models' units over every
     sample (and spatial position) of ``data`` at every node that carries the group,
     summed over those nodes, then ``max_P sum_i C[i, P(i)]`` with ``linear_sum_assignment``.
+    Groups that no traced node carries (the units inside attention heads, a
+    ``TransformerEncoderLayer``'s feed-forward units) are then found by :func:`weight_matching`
+    with the activation-matched permutations held fixed.
     """
     check_same_architecture(model_a.state_dict(), model_b.state_dict())
     taps = {name: g.producers for name, g in spec.groups.items()}
@@ -227,6 +305,8 @@ def activation_matching(
     )
     perms: dict[str, torch.Tensor] = {}
     for name, g in spec.groups.items():
+        if not taps[name]:
+            continue
         corr = torch.zeros(g.size, g.size, dtype=torch.float64)
         for tap in taps[name]:
             sa, sb, sab, saa, sbb = stats[tap]
@@ -236,9 +316,12 @@ def activation_matching(
             std_a = (saa / n - ma**2).clamp_min(0).sqrt()
             std_b = (sbb / n - mb**2).clamp_min(0).sqrt()
             corr += cov / (std_a[:, None] * std_b[None, :] + 1e-12)
-        rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
-        perms[name] = torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
-    return Matching(perms, 1, True)
+        perms[name] = _assign(corr)
+    if all(taps.values()):
+        return Matching(perms, 1, True)
+    found = {name: p for name, p in perms.items() if taps[name]}
+    rest = weight_matching(spec, model_a.state_dict(), model_b.state_dict(), given=found)
+    return Matching(rest.perms, 1 + rest.passes, rest.converged)
 
 
 _ALIGNERS: Registry[Callable[..., Matching]] = Registry("alignment method")

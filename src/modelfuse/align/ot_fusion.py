@@ -11,6 +11,8 @@ or entropic transport (``ot.sinkhorn`` with ``reg``). The ground cost between A'
 - ``"activations"``: computed from the units' activations on a data loader, either the
   squared Euclidean distance over samples (``ground_metric="sqeuclidean"``, the paper's)
   or ``1 - Pearson correlation`` (``ground_metric="correlation"``, the default here).
+  A group that no traced node carries (the units inside attention heads, a
+  ``TransformerEncoderLayer``'s feed-forward units) takes the weights' cost.
 
 Only the producing layer's own entries (its weight's output axis, per-unit vectors such
 as biases and norms) enter the weight cost; an embedding table, whose unit axis is axis 1,
@@ -113,6 +115,12 @@ def transport_tensor(t: torch.Tensor, ref: AxisRef, t_hat: torch.Tensor) -> torc
 def _check_specs(
     spec_a: PermutationSpec, spec_b: PermutationSpec, sa: Mapping[str, Any], sb: Mapping[str, Any]
 ) -> None:
+    blocks = [g.name for g in spec_a.groups.values() if g.inner]
+    if blocks:
+        raise ConfigError(
+            f"OT fusion cannot transport whole-head groups ({blocks[0]}: heads with groups inside them); "
+            "give it a spec made without whole_heads=True"
+        )
     if set(spec_a.groups) != set(spec_b.groups):
         raise AlignmentError(
             "OT fusion needs models of one architecture family (only widths may differ): the permutation "
@@ -218,13 +226,14 @@ def ot_fusion(
     for name, ga in spec_a.groups.items():
         gb = spec_b.groups[name]
         n, m = ga.size, gb.size
-        if mode == "weights":
+        if mode == "weights" or not ga.producers:  # no node carries the group (units inside attention heads)
             cost = torch.zeros(n, m, dtype=torch.float64)
             used = 0
             for ref_a, ref_b in zip(ga.axes, gb.axes, strict=True):
                 # the producing layer's own entries (unit axis first, or per-unit vectors), whose other
                 # moving axes are already transported; the consumers' input axes do not enter the cost
-                others = [g for g, r in axes_b[ref_b.name] if r != ref_b]
+                # (other blocks of the same axis, such as the other heads' rows, do not enter these rows)
+                others = [g for g, r in axes_b[ref_b.name] if r.axis != ref_b.axis]
                 if _consumer(ref_b, aligned[ref_b.name]) or any(g not in done for g in others):
                     continue
                 xa = _rows(sa[ref_a.name], ref_a, n)

@@ -2,6 +2,9 @@
 
 Convention: a permutation ``perm`` of a group reorders its units so that new unit ``i``
 is old unit ``perm[i]`` (``W_new = W[perm]`` on output axes, ``W[:, perm]`` on input axes).
+Permutations are applied in the order of the spec's groups, so a group of whole blocks
+(attention heads) moves its blocks before its inner groups reorder the units inside the
+block now at each position.
 """
 
 from __future__ import annotations

@@ -17,6 +17,20 @@ the feature axis of each value carries:
 - concatenations along the feature axis put groups side by side;
 - flattening a conv feature map into a Linear repeats each channel over the spatial
   positions (the repeat factor is read from the Linear's ``in_features``).
+- moving axes (``permute``/``transpose``, channels-last and back) keeps the groups as long
+  as the features land on axis 1 or the last axis; a ``view``/``reshape`` keeps them when it
+  leaves batch and channels (or the last axis) whole, which needs ``example_input`` for
+  the shapes (ViT's patch tokens);
+- parameters combined with permuted features (a learned positional embedding, a class
+  token concatenated along the tokens, ConvNeXt's layer scale, ``F.layer_norm``'s
+  weight and bias) join the groups on the axis that broadcasts against the features;
+- multi-head attention (``nn.MultiheadAttention``, alone or inside a
+  ``TransformerEncoderLayer``) ties its inputs to the in-projection's input axis, starts
+  a group at ``out_proj``'s output, and inside each head gives the query/key units one
+  group and the value units (with ``out_proj``'s matching input columns) another: these
+  axes are blocks of one weight, an :class:`AxisRef` with a ``start``; with
+  ``whole_heads=True`` a group of whole heads (blocks of ``head_dim`` positions, an
+  :class:`AxisRef` with a ``repeat``) moves the heads before the groups inside them act.
 
 The model's input and output axes are fixed, and so is every group that reaches an op
 this module does not understand; :meth:`PermutationSpec.explain` says which node fixed
@@ -56,12 +70,19 @@ class AxisRef:
 
 @dataclass(frozen=True)
 class PermutationGroup:
-    """Weight axes that share one permutation of ``size`` units."""
+    """Weight axes that share one permutation of ``size`` units.
+
+    ``inner`` (whole attention heads): unit ``i`` is a block of positions (``repeat`` > 1)
+    whose own units the groups ``inner[i]`` reorder. Blocks move first; ``inner[i]`` then
+    reorders the block that has arrived at position ``i`` (the spec lists this group
+    before its inner groups, the order in which permutations are applied).
+    """
 
     name: str
     size: int
     axes: tuple[AxisRef, ...]
     producers: tuple[str, ...] = ()  # fx nodes whose output carries exactly this group on its feature axis
+    inner: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +126,8 @@ class PermutationSpec:
         """A readable listing of the permutable groups and of the fixed axes with their reasons."""
         lines = [f"{self.model_name}: {len(self.groups)} permutation group(s), {len(self.fixed)} fixed"]
         for g in self.groups.values():
-            lines.append(f"  group {g.name} ({g.size} units)")
+            blocks = f", unit i a block reordered inside by {', '.join(g.inner[0])}, ..." if g.inner else ""
+            lines.append(f"  group {g.name} ({g.size} units{blocks})")
             lines += [f"    {_fmt_axis(a)}" for a in g.axes]
         for f in self.fixed:
             lines.append(f"  fixed {f.name} ({f.size} units) at node {f.node!r}: {f.reason}")
@@ -223,8 +245,10 @@ _NORM_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class _Builder:
     """Union-find over groups plus the axes attached to them while walking the graph."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, whole_heads: bool = False) -> None:
         self.gm = gm
+        self.whole_heads = whole_heads
+        self.inner: dict[int, list[list[int]]] = {}  # whole-head group -> per head, its within-head groups
         self.modules = dict(gm.named_modules())
         self.parent: list[int] = []
         self.size: list[int] = []
@@ -236,6 +260,8 @@ class _Builder:
         self.ndim: dict[str, int | None] = {}
         self.tensor: dict[str, bool] = {}
         self.tuples: dict[str, tuple[_Feat | None, ...]] = {}  # modules returning tuples (attention)
+        # values that are a parameter (or its expand) -> its state-dict name
+        self.param_of: dict[str, str] = {}
         self.why: dict[str, str] = {}  # values that cannot be permuted -> why
         self.fixed_inputs: list[tuple[AxisRef, str]] = []
 
@@ -298,7 +324,8 @@ class _Builder:
             if meta is not None and hasattr(meta, "shape"):
                 ndim = len(meta.shape)
             if feat is None and is_tensor:  # remember why this value cannot be permuted
-                first = next(iter(_node_args(node)), None)
+                args = _node_args(node)  # a value that is not a parameter explains better (a class token is)
+                first = next((a for a in args if a.name not in self.param_of), next(iter(args), None))
                 self.why[node.name] = self.why.get(node.name) or (
                     f"the model's input {node.name!r}"
                     if node.op == "placeholder"
@@ -314,7 +341,8 @@ class _Builder:
         if node.op == "placeholder":
             return None, self.ndim.get(node.name), True  # the model's input: fixed by construction
         if node.op == "get_attr":
-            return None, None, True
+            self.param_of[node.name] = str(node.target)
+            return None, self.ndim.get(node.name), True
         x = node.args[0] if node.args else None
         xf = self.feat.get(x.name) if isinstance(x, fx.Node) else None
         xd = self.ndim.get(x.name) if isinstance(x, fx.Node) else None
@@ -348,6 +376,12 @@ class _Builder:
                 return self.index(node, xf, xd, node.args[1])
             if fn in (torch.mean, torch.sum, torch.amax, torch.amin):
                 return self.reduce(node, xf, xd)
+            if fn is torch.permute:
+                return self.permute(node, xf, xd, _arg(node, 1, "dims", None))
+            if fn is torch.transpose:
+                return self.transpose(node, xf, xd)
+            if fn is F.layer_norm:
+                return self.layer_norm(node, xf, xd)
         if node.op == "call_method":
             m = str(node.target)
             if m in _SHAPE_METHODS:
@@ -366,7 +400,77 @@ class _Builder:
                     shape = tuple(shape[0])
                 if len(shape) == 2 and shape[1] == -1:
                     return self.flatten(node, xf, xd, 1, -1)
+                return self.reshape(node, xf)
+            if m == "permute":
+                dims = node.args[1:]
+                return self.permute(node, xf, xd, dims[0] if len(dims) == 1 else dims)
+            if m == "transpose":
+                return self.transpose(node, xf, xd)
+            if m == "expand" and isinstance(x, fx.Node) and x.name in self.param_of:
+                self.param_of[node.name] = self.param_of[x.name]  # a class token repeated over the batch
+                return None, None, True
         return self.unknown(node, f"{node.op} {_target_name(node)} is not understood by permutation tracing")
+
+    def reshape(self, node: fx.Node, xf: _Feat | None) -> tuple[_Feat | None, int | None, bool]:
+        """A view/reshape that keeps the feature axis whole: batch and channels kept (spatial dims merged or
+        split), or the last axis kept (leading dims merged or split). Shapes come from ``example_input``."""
+        x = node.args[0]
+        src, dst = _shape(x) if isinstance(x, fx.Node) else None, _shape(node)
+        if xf is None:
+            return None, None if dst is None else len(dst), True
+        if src is None or dst is None:
+            return self.unknown(
+                node, "a reshape whose shapes are unknown (pass example_input= to permutation_spec)"
+            )
+        if xf.repeat == 1 and xf.layout == "channel" and len(dst) >= 3 and src[:2] == dst[:2]:
+            return xf, len(dst), True
+        if xf.repeat == 1 and xf.layout == "last" and src[-1:] == dst[-1:]:
+            return xf, len(dst), True
+        return self.unknown(
+            node, f"a reshape from {tuple(src)} to {tuple(dst)} that splits or moves the features"
+        )
+
+    def permute(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None, dims: Any
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """Moving axes (channels-last and back, tokens x features): the features must land on axis 1 or last."""
+        if xf is None:
+            return None, xd, True
+        if xd is None or not isinstance(dims, (tuple, list)) or len(dims) != xd or xf.repeat != 1:
+            return self.unknown(node, "moves axes of unknown rank (pass example_input= to permutation_spec)")
+        dims = [int(d) % xd for d in dims]
+        feature = 1 if xf.layout == "channel" else xd - 1
+        new = dims.index(feature)
+        if new == xd - 1:
+            return _Feat(xf.segments, "last"), xd, True
+        if new == 1:
+            return _Feat(xf.segments, "channel"), xd, True
+        return self.unknown(node, f"moves the features to axis {new}, neither axis 1 nor the last")
+
+    def transpose(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        a, b = _arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)
+        if xd is None or not isinstance(a, int) or not isinstance(b, int):
+            return self.permute(node, xf, xd, None)
+        dims = list(range(xd))
+        dims[a % xd], dims[b % xd] = dims[b % xd], dims[a % xd]
+        return self.permute(node, xf, xd, dims)
+
+    def layer_norm(
+        self, node: fx.Node, xf: _Feat | None, xd: int | None
+    ) -> tuple[_Feat | None, int | None, bool]:
+        """``F.layer_norm`` over the last axis (torchvision's LayerNorm2d): its weight and bias join the features."""
+        if xf is None:
+            return None, xd, True
+        shape = _arg(node, 1, "normalized_shape", None)
+        affine = [_arg(node, i, k, None) for i, k in ((2, "weight"), (3, "bias"))]
+        affine = [a for a in affine if a is not None]
+        ok = xf.layout == "last" and xf.repeat == 1 and isinstance(shape, (tuple, list)) and len(shape) == 1
+        if not ok or not all(isinstance(a, fx.Node) and a.name in self.param_of for a in affine):
+            return self.unknown(node, "layer_norm over more than the permuted feature axis")
+        self.stream_axes(xf, [(self.param_of[a.name], 0) for a in affine])
+        return xf, xd, True
 
     def unknown(self, node: fx.Node, reason: str) -> tuple[_Feat | None, int | None, bool]:
         args = _node_args(node)
@@ -484,28 +588,83 @@ class _Builder:
     def attention(
         self, node: fx.Node, name: str, mod: nn.MultiheadAttention
     ) -> tuple[_Feat | None, int | None, bool]:
-        """Multi-head attention: its inputs share the in-projection's input axis; its output starts a group.
+        """Multi-head attention: its inputs tie the projections' input axes; its output starts a group.
 
-        The units inside each head (query/key and value dimensions) stay in place.
+        Inside each head, the query/key units and the value units get groups of their own
+        (see :meth:`head_groups`).
         """
         q, k, v = (_arg(node, i, key, None) for i, key in enumerate(("query", "key", "value")))
         feats = [self.feat.get(t.name) if isinstance(t, fx.Node) else None for t in (q, k, v)]
-        ok = mod._qkv_same_embed_dim and mod.in_proj_weight is not None
-        if not ok or any(f is not None and (f.layout != "last" or f.repeat != 1) for f in feats):
-            self.unknown(node, "attention with separate query/key/value projections or unusual inputs")
+        if any(f is not None and (f.layout != "last" or f.repeat != 1) for f in feats):
+            self.unknown(node, "attention over inputs whose features are not on the last axis")
             self.tuples[node.name] = (None, None)
             return None, None, False
-        for f in feats:
+        packed = mod._qkv_same_embed_dim
+        entries = [f"{name}.in_proj_weight"] * 3 if packed else [f"{name}.{c}_proj_weight" for c in "qkv"]
+        if packed and any(f is None for f in feats):  # one weight reads all three inputs
+            for f in feats:
+                self.fix(f, node.name, "the packed in-projection also reads an input that cannot be permuted")
+        for t, f, entry in zip((q, k, v), feats, entries, strict=True):
             if f is not None:
-                self.stream_axes(f, [(f"{name}.in_proj_weight", 1)])
-        if mod.bias_k is not None or mod.bias_v is not None:
-            self.fix(feats[0], node.name, "attention with bias_k/bias_v")
+                self.stream_axes(f, [(entry, 1)])
+            elif isinstance(t, fx.Node) and AxisRef(entry, 1) not in {a for a, _ in self.fixed_inputs}:
+                self.fixed_inputs.append((AxisRef(entry, 1), self.why.get(t.name, f"node {t.name!r}")))
+        self.head_groups(name, mod)
         g = self.new_group(mod.embed_dim, name)
         self.add_axis(g, AxisRef(f"{name}.out_proj.weight", 0))
         if mod.out_proj.bias is not None:
             self.add_axis(g, AxisRef(f"{name}.out_proj.bias", 0))
         self.tuples[node.name] = (_Feat(((g, mod.embed_dim),), "last"), None)
         return None, None, False
+
+    def head_groups(self, name: str, mod: nn.MultiheadAttention) -> None:
+        """Two groups per head ``h`` of ``head_dim`` units each: ``{name}.head{h}.qk`` and ``{name}.head{h}.v``.
+
+        Attention scores ``q_h . k_h`` do not change when the query and key units of head
+        ``h`` are reordered alike, so one group holds head ``h``'s query and key rows of the
+        in-projection (packed ``in_proj_weight`` / ``in_proj_bias`` blocks at ``h * head_dim``
+        and ``embed_dim + h * head_dim``, or the separate ``q_proj_weight`` / ``k_proj_weight``
+        rows) and its slice of ``bias_k``. The head's output is its attention-weighted values,
+        read by ``out_proj``'s input columns ``h * head_dim ...``: a second group holds the
+        value rows, ``bias_v``'s slice and those columns.
+
+        With ``whole_heads`` a group ``{name}.heads`` of ``num_heads`` units also moves whole
+        heads (blocks of ``head_dim`` positions in the q, k and v rows, their biases, and
+        ``out_proj``'s input columns) before the within-head groups act; see
+        :class:`PermutationGroup` ``inner``.
+        """
+        e, hd = mod.embed_dim, mod.head_dim
+        packed = mod._qkv_same_embed_dim
+        w = {
+            c: (f"{name}.in_proj_weight", i * e) if packed else (f"{name}.{c}_proj_weight", 0)
+            for i, c in enumerate("qkv")
+        }
+        if self.whole_heads and mod.num_heads > 1:
+            heads = self.new_group(mod.num_heads, f"{name}.heads")
+            for i, c in enumerate("qkv"):
+                self.add_axis(heads, AxisRef(w[c][0], 0, w[c][1], hd))
+                if mod.in_proj_bias is not None:
+                    self.add_axis(heads, AxisRef(f"{name}.in_proj_bias", 0, i * e, hd))
+            for c, extra in (("k", mod.bias_k), ("v", mod.bias_v)):
+                if extra is not None:
+                    self.add_axis(heads, AxisRef(f"{name}.bias_{c}", 2, 0, hd))
+            self.add_axis(heads, AxisRef(f"{name}.out_proj.weight", 1, 0, hd))
+            self.inner[heads] = []
+        for h in range(mod.num_heads):
+            if self.whole_heads and mod.num_heads > 1:
+                self.inner[heads].append([len(self.parent), len(self.parent) + 1])  # the next two groups
+            for part in ("qk", "v"):
+                g = self.new_group(hd, f"{name}.head{h}.{part}")
+                for c in part:
+                    entry, start = w[c]
+                    self.add_axis(g, AxisRef(entry, 0, start + h * hd))
+                    if mod.in_proj_bias is not None:
+                        self.add_axis(g, AxisRef(f"{name}.in_proj_bias", 0, "qkv".index(c) * e + h * hd))
+                    extra = mod.bias_k if c == "k" else mod.bias_v if c == "v" else None
+                    if extra is not None:
+                        self.add_axis(g, AxisRef(f"{name}.bias_{c}", 2, h * hd))
+                if part == "v":
+                    self.add_axis(g, AxisRef(f"{name}.out_proj.weight", 1, h * hd))
 
     def encoder_layer(
         self, node: fx.Node, name: str, mod: nn.Module, xf: _Feat | None, xd: int | None
@@ -523,6 +682,7 @@ class _Builder:
             self.fix(xf, node.name, "the encoder's input cannot be permuted")
         if xf.layout != "last" or xf.repeat != 1 or xf.total != d:
             return self.unknown(node, "an encoder layer over an axis other than the permuted features")
+        self.head_groups(f"{name}.self_attn", mod.self_attn)
         refs = [(f"{name}.self_attn.in_proj_weight", 1), (f"{name}.self_attn.out_proj.weight", 0)]
         refs += [(f"{name}.linear1.weight", 1), (f"{name}.linear2.weight", 0)]
         refs += [(f"{name}.self_attn.out_proj.bias", 0), (f"{name}.linear2.bias", 0)]
@@ -553,8 +713,8 @@ class _Builder:
             )
         dims = {d % xd for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
         feature = 1 if xf.layout == "channel" else xd - 1
-        if feature in dims or 0 in dims:
-            return self.unknown(node, f"reduces over the feature axis or the batch (dim={dim})")
+        if feature in dims or (0 in dims and xf.layout == "channel"):  # channels must stay at axis 1
+            return self.unknown(node, f"reduces over the feature axis or the batch of a map (dim={dim})")
         nd = xd if keep else xd - len(dims)
         layout = "last" if xf.layout == "last" or nd == 2 else "channel"  # channels stay at axis 1
         return _Feat(xf.segments, layout, xf.repeat), nd, True
@@ -634,9 +794,10 @@ class _Builder:
         feats = [self.feat.get(a.name) for a in tensors]
         ndims = [self.ndim.get(a.name) for a in tensors]
         known = [f for f in feats if f is not None]
-        params = [a for a, f in zip(tensors, feats, strict=True) if f is None and a.op == "get_attr"]
-        if known and len(params) + len(known) == len(tensors) and self.tie_params(params, known[0]):
-            tensors = [a for a in tensors if a.op != "get_attr"]
+        params = [a for a, f in zip(tensors, feats, strict=True) if f is None and a.name in self.param_of]
+        fd = next((d for f, d in zip(feats, ndims, strict=True) if f is not None and d is not None), None)
+        if known and len(params) + len(known) == len(tensors) and self.tie_params(params, known[0], fd):
+            tensors = [a for a in tensors if a.name not in self.param_of]
             feats, ndims = [self.feat.get(a.name) for a in tensors], [self.ndim.get(a.name) for a in tensors]
         ndim = next((d for d in ndims if d is not None), None)
         if any(f is None for f in feats):
@@ -656,17 +817,25 @@ class _Builder:
                 self.union(ga, gb, node.name)
         return first, ndim, True
 
-    def tie_params(self, params: list[fx.Node], xf: _Feat) -> bool:
-        """Parameters added to a Linear output (a learned positional embedding) join its groups on their last axis."""
+    def tie_params(self, params: list[fx.Node], xf: _Feat, ndim: int | None) -> bool:
+        """Parameters combined with permuted features (a learned positional embedding, a class token, a
+        layer scale) join their groups on the axis that broadcasts against the features."""
         state = self.gm.state_dict()
-        if xf.layout != "last" or xf.repeat != 1:
+        if xf.repeat != 1 or (xf.layout == "channel" and ndim is None):
             return False
+        ties: list[tuple[str, int]] = []
         for p in params:
-            t = state.get(str(p.target))
-            if t is None or t.dim() == 0 or t.shape[-1] != xf.total:
+            name = self.param_of[p.name]
+            t = state.get(name)
+            if t is None or t.dim() == 0:
                 return False
-        for p in params:
-            self.stream_axes(xf, [(str(p.target), state[str(p.target)].dim() - 1)])
+            axis = t.dim() - 1 if xf.layout == "last" else t.dim() - (ndim or 0) + 1
+            if axis < 0 or t.shape[axis] not in (1, xf.total):
+                return False
+            if t.shape[axis] == xf.total:  # a size-1 axis broadcasts alike over every unit: nothing to move
+                ties.append((name, axis))
+        for name, axis in ties:
+            self.stream_axes(xf, [(name, axis)])
         return True
 
     def cat(self, node: fx.Node) -> tuple[_Feat | None, int | None, bool]:
@@ -676,10 +845,12 @@ class _Builder:
             return self.unknown(node, "concatenates values it cannot follow")
         feats = [self.feat.get(p.name) for p in parts]
         ndim = next((self.ndim.get(p.name) for p in parts if self.ndim.get(p.name) is not None), None)
-        if any(f is None for f in feats):
-            return self.unknown(node, "concatenates permuted features with a tensor that cannot be permuted")
-        layouts = {f.layout for f in feats if f is not None}
-        repeats = {f.repeat for f in feats if f is not None}
+        known = [f for f in feats if f is not None]
+        params = [p for p, f in zip(parts, feats, strict=True) if f is None and p.name in self.param_of]
+        if not known:
+            return None, ndim, True
+        layouts = {f.layout for f in known}
+        repeats = {f.repeat for f in known}
         if len(layouts) != 1 or repeats != {1}:
             return self.unknown(node, "concatenates feature axes laid out differently")
         layout = layouts.pop()
@@ -687,11 +858,16 @@ class _Builder:
         on_features = dim == feature_dim or (
             ndim is not None and dim in (feature_dim + ndim, feature_dim - ndim)
         )
-        if on_features:
-            segments = tuple(s for f in feats if f is not None for s in f.segments)
+        if on_features and len(known) == len(feats):
+            segments = tuple(s for f in known for s in f.segments)
             return _Feat(segments, layout), ndim, True
-        if dim == 0:  # along the batch: every part keeps its features, so they share permutations
-            return self.binary_like(node, feats, ndim)
+        # along the batch or the tokens: every part keeps its features, so they share permutations;
+        # a parameter among them (a class token) joins them
+        along_other = not on_features and (dim == 0 or ndim is not None)
+        if along_other and len(known) + len(params) == len(feats) and self.tie_params(params, known[0], ndim):
+            return self.binary_like(node, known, ndim)
+        if any(f is None for f in feats):
+            return self.unknown(node, "concatenates permuted features with a tensor that cannot be permuted")
         return self.unknown(node, f"concatenates along dim {dim}, not the feature axis")
 
     def binary_like(
@@ -743,17 +919,22 @@ class _Builder:
         groups: dict[str, PermutationGroup] = {}
         fixed: list[FixedGroup] = []
         used: set[str] = set()
+        names: dict[int, str] = {}
         for r in roots:
             name = self.label[r]
             while name in used:
                 name += "'"
             used.add(name)
+            names[r] = name
+        for r in roots:
+            name = names[r]
             axes = tuple(self.axes[r])
             if r in self.fixed:
                 node, reason = self.fixed[r]
                 fixed.append(FixedGroup(name, self.size[r], axes, node, reason))
             else:
-                groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())))
+                inner = tuple(tuple(names[self.find(i)] for i in ids) for ids in self.inner.get(r, ()))
+                groups[name] = PermutationGroup(name, self.size[r], axes, tuple(producers.get(r, ())), inner)
         return PermutationSpec(groups, tuple(fixed), model_name, taps, tuple(self.fixed_inputs))
 
 
@@ -769,6 +950,12 @@ def _arg(node: fx.Node, index: int, key: str, default: Any) -> Any:
     return node.kwargs.get(key, default)
 
 
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape ``example_input`` gave ``node``, if any."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def _qualname(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
 
@@ -778,8 +965,13 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> PermutationSpec:
+def permutation_spec(
+    model: nn.Module, example_input: torch.Tensor | None = None, *, whole_heads: bool = False
+) -> PermutationSpec:
     """The permutation groups of ``model``'s weights, derived by tracing it with torch.fx.
+
+    ``whole_heads`` adds, per multi-head attention, a group that moves whole heads
+    (``{attention}.heads``) on top of the groups inside each head.
 
     ``example_input`` (a batch) lets the walk know every value's rank, which reductions
     and indexing over tokens need (``x.mean(1)``, ``x[:, 0]``). Raises
@@ -801,7 +993,7 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor | None = None
         finally:
             for m, mode in modes:
                 m.training = mode
-    builder = _Builder(gm)
+    builder = _Builder(gm, whole_heads)
     builder.run()
     builder.tie_aliases(model)
     spec = builder.spec(type(model).__name__)

@@ -194,6 +194,12 @@ def zipit(
     """
     check_same_architecture(model_a.state_dict(), model_b.state_dict())
     spec = spec if spec is not None else permutation_spec(model_a)
+    blocks = [g.name for g in spec.groups.values() if g.inner]
+    if blocks:
+        raise ConfigError(
+            f"ZipIt cannot zip whole-head groups ({blocks[0]}: heads with groups inside them); "
+            "give it a spec made without whole_heads=True"
+        )
     corr = _joint_correlations(spec, model_a, model_b, data, max_batches)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     if stop_at is None:
