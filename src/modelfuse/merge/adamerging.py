@@ -42,7 +42,7 @@ vector it should keep. In a network whose logits are not normalised (unlike CLIP
 features are normalised and whose logit scale is fixed), the entropy can also fall by scaling
 the logits up (raising the coefficients of every layer) rather than by classifying better: on
 the digits transformations of ``benchmarks/multitask_merge.py`` the logits' spread grows about
-4x while test accuracy falls (benchmarks/RESULTS.md). Check the result against task
+5.5x while test accuracy falls (benchmarks/RESULTS.md). Check the result against task
 arithmetic on labelled held-out data.
 """
 
