@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -149,3 +150,49 @@ def test_batchnorm_buffers_and_eval_mode():
         b = getattr(base[1], name)
         expected = b + 0.3 * sum(getattr(m[1], name) - b for m in models)
         torch.testing.assert_close(getattr(learned.model[1], name), expected, atol=1e-6, rtol=0)
+
+
+def _entropy_np(model: nn.Module, x: torch.Tensor) -> float:
+    """Mean Shannon entropy of softmax(model(x)), in NumPy from the definition."""
+    with torch.no_grad():
+        z = model.eval()(x).double().numpy()
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    return float(-(p * np.log(p)).sum(-1).mean())
+
+
+def test_per_task_objective_is_the_sum_of_each_tasks_mean_entropy(task_pool):
+    """The paper's loss: sum_k mean entropy on task k's own inputs, each batch holding every task."""
+    base, models = task_pool.base, task_pool.members
+    x = task_pool.data.val.tensors[0]
+    parts = [TensorDataset(x[:8]), TensorDataset(x[8:20]), TensorDataset(x[20:36])]  # 8, 12, 16 inputs
+    # lr 0: the merged model is task arithmetic at 0.3; one batch of 16 per task per step
+    fixed = adamerging(base, models, parts, granularity="layer", init=0.3, lr=0.0, epochs=1, batch_size=16)
+    ta = merge_modules("task_arithmetic", models, base, lambda_=0.3)
+    by_hand = sum(_entropy_np(ta, p.tensors[0]) for p in parts)
+    assert fixed.entropy_before == pytest.approx(by_hand, abs=1e-5)
+    assert fixed.entropy_after == pytest.approx(by_hand, abs=1e-5)
+    # one step: the longest task (16) sets the epoch; the batch holds all 16 of task 3, and tasks 1
+    # and 2 cycled to 16 (8 twice, 12 + the first 4): its loss is the sum of those mean entropies
+    assert len(fixed.losses) == 1
+    cycled = [x[:8].repeat(2, 1, 1, 1), torch.cat([x[8:20], x[8:12]]), x[20:36]]
+    expected = sum(_entropy_np(ta, c) for c in cycled)
+    assert fixed.losses[0] == pytest.approx(expected, abs=1e-5)
+    # a pooled single dataset of the same inputs gives another objective (one mean over all 36)
+    pooled = adamerging(base, models, TensorDataset(x[:36]), init=0.3, lr=0.0, epochs=1)
+    assert pooled.entropy_before == pytest.approx(_entropy_np(ta, x[:36]), abs=1e-5)
+    assert abs(pooled.entropy_before - by_hand) > 1e-2
+    # learning lowers the per-task objective
+    learned = adamerging(base, models, parts, granularity="layer", lr=1e-2, epochs=10, batch_size=4)
+    assert learned.entropy_after < learned.entropy_before - 1e-3
+
+
+def test_per_task_bad_inputs(task_pool):
+    base, models, data = task_pool.base, task_pool.members, task_pool.data
+    with pytest.raises(ConfigError, match="2 per-task data sets for 3 fine-tuned models"):
+        adamerging(base, models, [data, data])
+    with pytest.raises(ConfigError, match=r"adamerging \(task 0\) was pointed at the test split"):
+        adamerging(base, models, [data, data, data], split="test")
+    with pytest.raises(ConfigError, match=r"adamerging \(task 2\): the .val. split is empty"):
+        x = data.val.tensors[0]
+        adamerging(base, models, [TensorDataset(x), TensorDataset(x), TensorDataset(x[:0])])

@@ -13,14 +13,23 @@ Floors (issue 16, measured here over seeds 0-2; benchmarks/RESULTS.md has the ta
 - on the transformations task arithmetic beats the pretrained model on every seed, and no
   merge reaches the jointly trained model.
 
-Not asserted, because they did not hold in this setup (the table shows it):
+Layer-wise AdaMerging runs as in the paper (the sum over tasks of each task's mean entropy on
+its own unlabelled inputs, init 0.3, Adam 1e-3, about 500 steps of 16 inputs per task; on the
+validation inputs, not the test inputs). What is asserted of it is what was measured: it
+lowers its objective on every seed, and it does so by scaling the logits up (their spread on
+the adaptation inputs at least doubles), which is why lower entropy is not higher accuracy here.
 
+Not asserted, because they did not hold in this setup (benchmarks/RESULTS.md has the table and
+the variants tried):
+
+- layer-wise AdaMerging beating task arithmetic on the transformations (issue 16 asks for it):
+  it stays below task arithmetic at the paper's lambda 0.3 and at the validation-chosen lambda
+  on every seed, also with the variants tried (pooled vs per-task objective, lr 1e-3..1e-2,
+  mini-batch vs full batch, validation vs test inputs, init 0.3 vs the chosen lambda, a base
+  pretrained longer or on a mix of the transformations, fine-tunes at lower lr or with a frozen
+  head, task-specific heads);
 - on the label subsets, task arithmetic did not beat the pretrained base on every seed, and
-  RegMean came above the jointly trained model on one seed;
-- layer-wise AdaMerging beating task arithmetic on the transformations: with one shared
-  10-class head every fine-tune is confident on every input, so lower entropy does not mean
-  higher accuracy, and entropy minimisation moves the coefficients from the validation-chosen
-  lambda to worse accuracy (also with a base pretrained on a mix of the transformations).
+  RegMean came above the jointly trained model on one seed.
 """
 
 from __future__ import annotations
@@ -88,6 +97,15 @@ def test_no_merge_reaches_the_jointly_trained_model_on_transformations(results, 
             if row in ("pretrained", "individual", "jointly trained"):
                 continue
             assert _avg(r, row) < joint, (name, r["seed"], row, r["acc"])
+
+
+@pytest.mark.slow
+def test_adamerging_lowers_its_objective_by_scaling_the_logits_on_transformations(results):
+    for r in results["transforms"]:
+        before, after = r["ada_entropy"]
+        assert after < before - 0.1, (r["seed"], r["ada_entropy"])
+        spread_init, spread_ada = r["ada_logit_spread"]
+        assert spread_ada > 2 * spread_init, (r["seed"], r["ada_logit_spread"])
 
 
 @pytest.mark.slow

@@ -8,24 +8,42 @@ Shannon entropy of the merged model's predictions on unlabelled inputs (the pape
 - ``granularity="layer"``: one lambda per task and per parameter tensor (K x P coefficients,
   as in the authors' code, where every weight and bias tensor is a "layer").
 
+The objective, as in the paper: with one unlabelled input set per task (``data`` a sequence
+of K datasets or Splits, one per fine-tune), every step draws a batch of ``batch_size`` inputs
+from *each* task and minimises the sum over tasks of each task's mean entropy on its own
+inputs, ``sum_k mean_{x in B_k} H(f(x; theta))``. A task with fewer inputs is cycled to the
+length of the longest, so an epoch is one pass over the longest task's inputs. With a single
+dataset (or Splits) the objective is the mean entropy over that pooled set of inputs, the
+reading this module had first (kept for recipes, which name one data split).
+
 The merged weights are built from the coefficients inside the forward pass and run through
 ``torch.func.functional_call``, so gradients reach the coefficients; the optimisation runs in
 :func:`modelfuse.zoo.train` with the entropy as its custom loss (Adam, lr 1e-3 and lambda
 initialised to 0.3 by default, as in the paper). Coefficients are clamped to ``clamp``
 (default [0, 1], the paper's range) in the forward pass.
 
-Data: the inputs of a split the user names (default ``"val"``); labels are never read. The
-paper adapts on the test inputs; modelfuse refuses ``split="test"`` unless ``allow_test=True``,
-so test figures stay honest by default.
+Departures from the paper and the authors' code, on purpose:
 
-Buffers (BatchNorm running statistics) are not learned: floating-point buffers are merged
-with the initial coefficients (task arithmetic with lambda = ``init``), integer buffers come
-from the base. The merged network runs in eval mode throughout (no dropout, running statistics).
+- Data: the inputs of a split the user names (default ``"val"``); labels are never read. The
+  paper adapts on the test inputs; modelfuse refuses ``split="test"`` unless ``allow_test=True``,
+  so test figures stay honest by default.
+- Steps: the paper runs 500 iterations of 16 inputs per task; here the length is ``epochs``
+  passes over the (longest task's) inputs, since the one training loop counts epochs.
+- The paper merges CLIP image encoders and keeps each task's zero-shot head outside the merge;
+  here every parameter tensor of the model (a shared head included) gets coefficients.
+- Buffers (BatchNorm running statistics) are not learned: floating-point buffers are merged
+  with the initial coefficients (task arithmetic with lambda = ``init``), integer buffers come
+  from the base. The merged network runs in eval mode throughout (no dropout, running statistics).
 
 Limits: entropy minimisation presumes that confident predictions are right. Where the base is
 confidently wrong on a task's inputs (a base pretrained on upright digits, shown rotated ones),
 the lowest entropy can lie at lambda = 0 for that task, and AdaMerging then removes the task
-vector it should keep. Check the result against task arithmetic on labelled held-out data.
+vector it should keep. In a network whose logits are not normalised (unlike CLIP, whose image
+features are normalised and whose logit scale is fixed), the entropy can also fall by scaling
+the logits up (raising the coefficients of every layer) rather than by classifying better: on
+the digits transformations of ``benchmarks/multitask_merge.py`` the logits' spread grows about
+5.5x while test accuracy falls (benchmarks/RESULTS.md). Check the result against task
+arithmetic on labelled held-out data.
 """
 
 from __future__ import annotations
@@ -125,6 +143,17 @@ def _inputs(dataset: Dataset, max_examples: int | None) -> TensorDataset:
     return TensorDataset(x)
 
 
+def _per_task_inputs(xs: Sequence[torch.Tensor]) -> TensorDataset:
+    """One dataset whose item i holds task k's input i (cycled where task k has fewer): batches hold every task."""
+    n = max(len(x) for x in xs)
+    return TensorDataset(*(x[torch.arange(n) % len(x)] for x in xs))
+
+
+def _task_entropy_sum(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The paper's objective: the sum over tasks of each task's mean entropy on its own inputs."""
+    return torch.stack([prediction_entropy(model(x)) for x in batch]).sum()
+
+
 @torch.no_grad()
 def _mean_entropy(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> float:
     total = 0.0
@@ -164,7 +193,7 @@ class AdaMergingResult:
 def adamerging(
     base: nn.Module,
     models: Sequence[nn.Module],
-    data: Splits | Dataset,
+    data: Splits | Dataset | Sequence[Splits | Dataset],
     *,
     split: str = "val",
     allow_test: bool = False,
@@ -182,9 +211,14 @@ def adamerging(
     """Learn task-wise or layer-wise merge coefficients of ``models`` (fine-tunes of ``base``) by entropy minimisation.
 
     ``data`` is a :class:`Splits` whose ``split`` supplies the unlabelled inputs (the test
-    split only with ``allow_test=True``), or a Dataset whose items' first element is the input.
-    ``max_examples`` keeps the first that many inputs. With ``lr=0`` (or ``epochs=0``) the
-    result is task arithmetic with lambda = ``init``. Neither ``base`` nor the models change.
+    split only with ``allow_test=True``), or a Dataset whose items' first element is the input:
+    then the objective is the mean entropy over those pooled inputs. ``data`` may instead be a
+    list or tuple of one Splits or Dataset per model (the paper's setting): then each step draws
+    ``batch_size`` inputs of every task and the objective is the sum over tasks of each task's
+    mean entropy (``entropy_before`` / ``entropy_after`` are that sum, over all inputs).
+    ``max_examples`` keeps the first that many inputs (of each task). With ``lr=0`` (or
+    ``epochs=0``) the result is task arithmetic with lambda = ``init``. Neither ``base`` nor
+    the models change.
     """
     if granularity not in GRANULARITIES:
         raise ConfigError(
@@ -200,33 +234,48 @@ def adamerging(
     states = check_same_shapes(
         [base, *models], names=["the base", *[f"model {i}" for i in range(len(models))]]
     )
-    dataset = held_out(data, split, allow_test=allow_test, what="adamerging")
-    inputs = _inputs(dataset, max_examples)
-    if len(inputs) == 0:
-        raise ConfigError("adamerging got no inputs to adapt on (max_examples=0?)")
-    merged = _Merged(base, states, granularity, init, clamp).to(device)
-    x = inputs.tensors[0].to(device)
-    try:
-        before = _mean_entropy(merged, x)
-    except RuntimeError as exc:
+    per_task = isinstance(data, (list, tuple))
+    parts = list(data) if per_task else [data]
+    if per_task and len(parts) != len(models):
         raise ConfigError(
-            f"adamerging: the models cannot run on the {split!r} inputs (one input is {tuple(x[0].shape)}): {exc}; "
+            f"adamerging got {len(parts)} per-task data sets for {len(models)} fine-tuned models; "
+            "give one data set (or Splits) per model, in the models' order, or a single one to pool"
+        )
+    xs = []
+    for k, part in enumerate(parts):
+        what = f"adamerging (task {k})" if per_task else "adamerging"
+        x = _inputs(held_out(part, split, allow_test=allow_test, what=what), max_examples).tensors[0]
+        if len(x) == 0:
+            raise ConfigError(f"{what} got no inputs to adapt on (max_examples=0?)")
+        xs.append(x)
+    merged = _Merged(base, states, granularity, init, clamp).to(device)
+    xs = [x.to(device) for x in xs]
+
+    def entropy_now() -> float:
+        return sum(_mean_entropy(merged, x) for x in xs)
+
+    try:
+        before = entropy_now()
+    except RuntimeError as exc:
+        shapes = ", ".join(str(tuple(x[0].shape)) for x in xs)
+        raise ConfigError(
+            f"adamerging: the models cannot run on the {split!r} inputs (one input is {shapes}): {exc}; "
             "give data of the input shape the models were built for"
         ) from exc
     record = _Record()
     result = train(
         merged,
-        inputs,
+        _per_task_inputs(xs) if per_task else TensorDataset(xs[0]),
         epochs=epochs,
         seed=seed,
         batch_size=batch_size,
         lr=lr,
-        loss=lambda model, batch: prediction_entropy(model(batch[0])),
+        loss=lambda model, batch: _task_entropy_sum(model, batch),
         callbacks=[record],
         device=device,
         progress=progress,
     )
-    after = _mean_entropy(merged, x)
+    after = entropy_now()
     with torch.no_grad():
         state = {**{k: v.detach().clone() for k, v in merged.merged().items()}, **merged._buffers_fixed}
         coefficients = merged.coefficients().detach().cpu().clone()
