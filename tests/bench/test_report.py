@@ -189,7 +189,7 @@ def _expected_best() -> dict[str, str | None]:
 
 
 def _md_tables(text: str) -> dict[str, list[list[str]]]:
-    """suite -> rows (header first) of its markdown table, split by hand on unescaped pipes."""
+    """suite -> rows (header first) of its markdown table, split by hand on unescaped pipes, cells unescaped."""
     tables: dict[str, list[list[str]]] = {}
     suite = None
     for line in text.splitlines():
@@ -199,7 +199,9 @@ def _md_tables(text: str) -> dict[str, list[list[str]]]:
             tables[suite] = []
         elif suite and line.startswith("| "):
             cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-            tables[suite].append([c.strip().replace("\\|", "|").replace("\\*", "*") for c in cells])
+            tables[suite].append(
+                [html.unescape(c.strip().replace("\\|", "|").replace("\\*", "*")) for c in cells]
+            )
     return tables
 
 
@@ -269,11 +271,13 @@ def test_markdown_marks_the_best_method_and_lists_failures():
         marked = [r[0] for r in rows[1:] if r[0].endswith("(best)")]
         assert marked == ([f"**{best[suite]}** (best)"] if best[suite] else [])
     assert "Best: none" in text.split("## Suite `nothing`")[1]
+    # failures listed with their errors, HTML-escaped (markdown renders raw HTML)
     for seed in range(3):
-        assert f"- broken (seed {seed}): RuntimeError: broken on seed {seed} <&>" in text
-    assert "- flaky (seed 1): AlignmentError: no permutation <found> for layer 'fc'" in text
-    for name, err in NOTHING_ERRORS.items():
-        assert f"- {name} (seed 0): {err}" in text
+        assert f"- broken (seed {seed}): RuntimeError: broken on seed {seed} &lt;&amp;&gt;" in text
+    assert "- flaky (seed 1): AlignmentError: no permutation &lt;found&gt; for layer 'fc'" in text
+    assert "- b (seed 0): ValueError: shapes &lt;3&gt; &amp; &lt;4&gt;" in text
+    assert "- a (seed 0): RuntimeError: CUDA out of memory" in text
+    assert "<script>" not in text and "&lt;script&gt;alert('x')&lt;/script&gt; &amp; co" in text
 
 
 def test_summary_numbers():

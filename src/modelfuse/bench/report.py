@@ -293,7 +293,10 @@ def _cells(suite: SuiteSummary, m: MethodSummary) -> list[str]:
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("*", "\\*")
+    """``text`` safe in a markdown table cell or list item: HTML escaped (markdown passes raw HTML
+    through), pipes, stars and backslashes escaped, one line."""
+    text = html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+    return " ".join(text.splitlines())
 
 
 def render_markdown(results: Sequence[Mapping[str, Any]]) -> str:
@@ -339,9 +342,8 @@ def _figure(width: float = 7.0, height: float = 3.6):
 
 
 def _png(fig) -> str:
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", pad_inches=0.1, metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -353,7 +355,14 @@ def _level_legend(ax, levels: Iterable[str]) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=_colour(lv), label=lv) for lv in dict.fromkeys(levels)]
-    ax.legend(handles=handles, title="level", fontsize=8, title_fontsize=8, loc="best")
+    ax.legend(
+        handles=handles,
+        title="level",
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
 
 
 def _plot_accuracy(suite: SuiteSummary) -> str | None:
@@ -381,10 +390,11 @@ def _plot_accuracy(suite: SuiteSummary) -> str | None:
     return _png(fig)
 
 
+# series -> x label, y label, title, factor on y (accuracies are fractions, shown in %)
 _CURVE_LABELS = {
-    "lambda_sweep": ("scaling λ", "average accuracy", "task-arithmetic λ sweep"),
-    "barrier": ("interpolation t (0 = A, 1 = B)", "test loss", "loss along the interpolation path"),
-    "members": ("ensemble members", "accuracy", "accuracy vs number of members"),
+    "lambda_sweep": ("scaling λ", "average accuracy (%)", "task-arithmetic λ sweep", 100.0),
+    "barrier": ("interpolation t (0 = A, 1 = B)", "test loss", "loss along the interpolation path", 1.0),
+    "members": ("ensemble members", "accuracy (%)", "accuracy vs number of members", 100.0),
 }
 
 
@@ -392,12 +402,12 @@ def _plot_series(suite: SuiteSummary, key: str) -> str | None:
     rows = [m for m in suite.methods if m.series.get(key)]
     if not rows:
         return None
-    xlabel, ylabel, title = _CURVE_LABELS[key]
+    xlabel, ylabel, title, factor = _CURVE_LABELS[key]
     fig = _figure()
     ax = fig.subplots()
     for m in rows:
         xs, ys = zip(*m.series[key], strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, label=m.name)
+        ax.plot(xs, [factor * y for y in ys], marker="o", markersize=3, label=m.name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{suite.suite}: {title}")
@@ -433,6 +443,7 @@ def _plot_params(suite: SuiteSummary) -> str | None:
             textcoords="offset points",
         )
     ax.set_xscale("log")
+    ax.margins(x=0.25)
     ax.set_xlabel("parameters of the fused model")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{suite.suite}: accuracy vs size")
@@ -465,6 +476,7 @@ table.summary tr.best { background: #e8f5e9; font-weight: 600; }
 table.summary tr.failed { color: #999; }
 span.badge { background: #2e7d32; color: white; border-radius: .3em; padding: 0 .4em; font-size: .8em;
              margin-left: .4em; }
+td.level { white-space: nowrap; }
 span.level { display: inline-block; width: .8em; height: .8em; border-radius: .2em; margin-right: .3em;
              vertical-align: middle; }
 ul.failures li { color: #b71c1c; } ul.failures code { white-space: pre-wrap; }
@@ -510,7 +522,7 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "modelfuse
                 f'<th scope="row" class="method">{e(cells[0])}'
                 + ('<span class="badge">best</span>' if m.best else "")
                 + "</th>",
-                f'<td><span class="level" style="background:{_colour(m.level)}"></span>{e(cells[1])}</td>',
+                f'<td class="level"><span class="level" style="background:{_colour(m.level)}"></span>{e(cells[1])}</td>',
             ]
             row += [f'<td class="num">{e(c)}</td>' for c in cells[2:]]
             out.append("".join(row) + "</tr>")
