@@ -67,6 +67,7 @@ SEEDS_ACC = {
     "flaky": [0.70, 0.74],  # seeds 0 and 2; seed 1 failed
     EVIL: [0.5, 0.6, 0.55],
 }
+MIDPOINT = {"average (naive)": [0.1, 0.15, 0.2], "average (weight matching)": [0.8, 0.7, 0.75]}
 SEEDS_NLL = {"mean_prob": [0.30, 0.25, 0.28]}
 SEEDS_PARAMS = {
     "mean_prob": 3 * 1000,
@@ -114,6 +115,8 @@ def make_records() -> list[dict]:
                 continue
             acc = accs[seed if name != "flaky" else (0 if seed == 0 else 1)]
             metrics = {"accuracy": acc}
+            if name.startswith("average ("):
+                metrics["midpoint_accuracy"] = MIDPOINT[name][seed]
             if name in SEEDS_NLL:
                 metrics["nll"] = SEEDS_NLL[name][seed]
             series = {}
@@ -189,15 +192,17 @@ def _expected_best() -> dict[str, str | None]:
 
 
 def _md_tables(text: str) -> dict[str, list[list[str]]]:
-    """suite -> rows (header first) of its markdown table, split by hand on unescaped pipes, cells unescaped."""
+    """suite -> rows (header first) of its (first) markdown table, split by hand on unescaped pipes, cells unescaped."""
     tables: dict[str, list[list[str]]] = {}
-    suite = None
+    suite, done = None, True
     for line in text.splitlines():
         m = re.match(r"## Suite `(.+)`", line)
         if m:
-            suite = m.group(1)
+            suite, done = m.group(1), False
             tables[suite] = []
-        elif suite and line.startswith("| "):
+        elif not done and tables[suite] and not line.startswith("|"):
+            done = True  # the suite's first table ended
+        elif not done and line.startswith("| "):
             cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
             tables[suite].append(
                 [html.unescape(c.strip().replace("\\|", "|").replace("\\*", "*")) for c in cells]
@@ -280,6 +285,21 @@ def test_markdown_marks_the_best_method_and_lists_failures():
     assert "<script>" not in text and "&lt;script&gt;alert('x')&lt;/script&gt; &amp; co" in text
 
 
+def test_other_metrics_table():
+    expected = [
+        [name, "midpoint_accuracy", f"{statistics.mean(v):.4g} ± {statistics.stdev(v):.2g}", "3"]
+        for name, v in MIDPOINT.items()
+    ]
+    text = render_markdown(make_records())
+    section = text.split("## Suite `seeds`")[1].split("## Suite")[0]
+    assert "Other metrics:" in section and "Other metrics" not in text.split("## Suite `tasks`")[1]
+    rows = [line for line in section.split("Other metrics:")[1].splitlines() if line.startswith("| ")]
+    assert rows[0] == "| method | metric | mean ± std | seeds |"
+    assert [[c.strip() for c in r.split("|")[1:-1]] for r in rows[1:]] == expected
+    page = _parse(render_html(make_records()))
+    assert page.other == {"seeds": expected, "tasks": [], "nothing": []}
+
+
 def test_summary_numbers():
     suites = {s.suite: s for s in summarize(make_records())}
     m = {x.name: x for x in suites["seeds"].methods}
@@ -316,6 +336,8 @@ class _Page(HTMLParser):
         self.rows: dict[str, list[list[str]]] = {}  # suite -> body rows (cell texts)
         self.row_classes: dict[str, dict[str, str]] = {}
         self.failures: dict[str, list[str]] = {}
+        self.other: dict[str, list[list[str]]] = {}  # suite -> rows of the "other metrics" table
+        self._table = ""
         self.tags: set[str] = set()
         self.suite: str | None = None
         self._cell: list[str] | None = None
@@ -331,7 +353,9 @@ class _Page(HTMLParser):
         if tag == "section":
             self.suite = a["data-suite"]
             self.rows[self.suite], self.figures[self.suite], self.failures[self.suite] = [], [], []
-            self.row_classes[self.suite] = {}
+            self.row_classes[self.suite], self.other[self.suite] = {}, []
+        elif tag == "table":
+            self._table = a.get("class", "")
         elif tag == "img":
             self.imgs.append(a)
         elif tag == "figure":
@@ -340,7 +364,8 @@ class _Page(HTMLParser):
             self._in_tbody = True
         elif tag == "tr" and self._in_tbody:
             self._row = []
-            self.row_classes[self.suite][a["data-method"]] = a.get("class", "")
+            if self._table == "summary":
+                self.row_classes[self.suite][a["data-method"]] = a.get("class", "")
         elif tag in ("td", "th") and self._row is not None:
             self._cell = []
         elif tag == "li":
@@ -359,7 +384,7 @@ class _Page(HTMLParser):
             self._row.append("".join(self._cell).strip())
             self._cell = None
         elif tag == "tr" and self._row is not None:
-            self.rows[self.suite].append(self._row)
+            (self.rows if self._table == "summary" else self.other)[self.suite].append(self._row)
             self._row = None
         elif tag == "li" and self._li is not None:
             self.failures[self.suite].append("".join(self._li))

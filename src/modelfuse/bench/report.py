@@ -9,7 +9,8 @@ atomically into a folder.
 Per suite the report shows a table of every method: mean +/- std over the seeds where the method
 ran (``ok`` records) of accuracy, NLL and per-task accuracies (``accuracy/<task>``) where present,
 the fused model's parameter count, fusion time and inference time; the best method (highest mean
-accuracy among methods that ran) is marked; failed runs are listed with their errors. The std is
+accuracy among methods that ran) is marked; any other metric a method reports goes into a second
+table ("Other metrics"); failed runs are listed with their errors. The std is
 the sample standard deviation (:func:`statistics.stdev`); with a single seed it is 0.
 
 The HTML page needs no network and no JavaScript: inline CSS, plots as PNG ``data:`` URIs drawn
@@ -103,6 +104,7 @@ class MethodSummary:
     accuracy: Stat | None = None
     nll: Stat | None = None
     tasks: dict[str, Stat] = field(default_factory=dict)  # task -> accuracy
+    other: dict[str, Stat] = field(default_factory=dict)  # any other metric a method reports
     parameters: Stat | None = None
     fusion_s: Stat | None = None
     inference_ms: Stat | None = None
@@ -231,6 +233,16 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[SuiteSummary]:
                 stat = Stat.of(_finite(mt.get(key) for mt in metrics))
                 if stat is not None:
                     m.tasks[key.split("/", 1)[1]] = stat
+            other_names = dict.fromkeys(
+                k
+                for mt in metrics
+                for k in mt
+                if k not in ("accuracy", "nll") and not k.startswith("accuracy/")
+            )
+            for key in other_names:
+                stat = Stat.of(_finite(mt.get(key) for mt in metrics))
+                if stat is not None:
+                    m.other[key] = stat
             m.parameters = Stat.of(_finite(r.get("parameters") for r in ok))
             m.fusion_s = Stat.of(_finite(r.get("fusion_s") for r in ok))
             m.inference_ms = Stat.of(_finite(r.get("inference_ms") for r in ok))
@@ -289,6 +301,15 @@ def _cells(suite: SuiteSummary, m: MethodSummary) -> list[str]:
     return cells
 
 
+def _other_rows(suite: SuiteSummary) -> list[tuple[str, str, str, str]]:
+    """(method, metric, "mean ± std", seeds) of every metric outside the main table."""
+    return [
+        (m.name, key, f"{st.mean:.4g} ± {st.std:.2g}", str(st.n))
+        for m in suite.methods
+        for key, st in m.other.items()
+    ]
+
+
 # ----------------------------------------------------------------------------------------- markdown
 
 
@@ -322,6 +343,16 @@ def render_markdown(results: Sequence[Mapping[str, Any]]) -> str:
             if best
             else "Best: none (no method that ran reports an accuracy).",
         ]
+        other = _other_rows(suite)
+        if other:
+            lines += [
+                "",
+                "Other metrics:",
+                "",
+                "| method | metric | mean ± std | seeds |",
+                "|---|---|---:|---:|",
+            ]
+            lines += [f"| {_md_escape(n)} | {_md_escape(k)} | {v} | {c} |" for n, k, v, c in other]
         failures = [(m, seed, err) for m in suite.methods for seed, err in m.failures]
         if failures:
             lines += ["", "Failed:", ""]
@@ -468,10 +499,10 @@ _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 72em;
        color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
-table.summary { border-collapse: collapse; font-size: .9em; margin: 1em 0; }
-table.summary th, table.summary td { border: 1px solid #ccc; padding: .3em .6em; }
-table.summary th { background: #f3f3f3; }
-table.summary td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table { border-collapse: collapse; font-size: .9em; margin: 1em 0; }
+table th, table td { border: 1px solid #ccc; padding: .3em .6em; }
+table th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.summary tr.best { background: #e8f5e9; font-weight: 600; }
 table.summary tr.failed { color: #999; }
 span.badge { background: #2e7d32; color: white; border-radius: .3em; padding: 0 .4em; font-size: .8em;
@@ -527,6 +558,20 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "modelfuse
             row += [f'<td class="num">{e(c)}</td>' for c in cells[2:]]
             out.append("".join(row) + "</tr>")
         out.append("</tbody></table>")
+        other = _other_rows(suite)
+        if other:
+            out.append("<h3>Other metrics</h3>")
+            out.append('<table class="other">')
+            out.append(
+                '<thead><tr><th scope="col">method</th><th scope="col">metric</th>'
+                '<th scope="col">mean ± std</th><th scope="col">seeds</th></tr></thead><tbody>'
+            )
+            out += [
+                f'<tr data-method="{e(n)}"><td>{e(n)}</td><td>{e(k)}</td><td class="num">{e(v)}</td>'
+                f'<td class="num">{e(c)}</td></tr>'
+                for n, k, v, c in other
+            ]
+            out.append("</tbody></table>")
         failures = [(m, seed, err) for m in suite.methods for seed, err in m.failures]
         if failures:
             out.append("<h3>Failed</h3>")
