@@ -67,6 +67,12 @@ def list_suites() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def close_to(name: str, names: list[str]) -> str:
+    """`` Did you mean 'x'?`` naming the close matches of ``name`` among ``names`` ("" where none)."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
 def _fits(what: str, fn: Any, options: dict[str, Any], fixed: tuple[str, ...]) -> None:
     """``options`` checked against ``fn``'s signature, the error turned into a validation error."""
     try:
@@ -178,8 +184,7 @@ class SuiteSpec(_Strict):
             names = [m.display for m in methods]
             for name in value.methods:
                 if name not in names:
-                    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
-                    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                    hint = close_to(name, names)
                     raise ValueError(
                         f"methods: {name!r} is not a display name of this suite (found {name!r}).{hint} "
                         f"Display names: {', '.join(names)}"
@@ -237,8 +242,7 @@ def load_suite(name_or_path: str | os.PathLike) -> SuiteSpec:
         return _validated(read_yaml(path, "suite"), str(path))
     builtin = list_suites()
     if text not in builtin:
-        close = difflib.get_close_matches(text, builtin, n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = close_to(text, builtin)
         raise ConfigError(
             f"unknown suite {text!r}: neither a built-in suite nor a YAML file.{hint} "
             f"Built-in suites: {', '.join(builtin) or '(none)'}; or give the path of a suite YAML"
