@@ -89,6 +89,16 @@ def toy_fail(pool: BenchPool) -> Outcome:
     raise RuntimeError("boom on purpose")
 
 
+@register_bench_method("toy_bad_outcome", "baseline")
+def toy_bad_outcome(pool: BenchPool, what: str = "type") -> Outcome:
+    """Returns what a bench method must not: another type, a metric that is no number, a model that is no Module."""
+    if what == "type":
+        return {"accuracy": 1.0}  # type: ignore[return-value]
+    if what == "metric":
+        return Outcome({"accuracy": "high"})
+    return Outcome({"accuracy": 1.0}, model=lambda x: x)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def calls() -> Counter[str]:
     CALLS.clear()

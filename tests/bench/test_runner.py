@@ -192,6 +192,18 @@ def test_a_failing_pool_fails_its_seed_and_the_suite_goes_on(write_suite, calls)
     assert calls == {"toy_average": 2, "toy_fail": 2, "toy_wide": 2, "toy_mean": 2}  # not called for seed 1
 
 
+def test_bad_outcomes_are_recorded_as_failures(write_suite):
+    methods = [
+        {"method": "toy_bad_outcome", "name": w, "params": {"what": w}} for w in ("type", "metric", "model")
+    ]
+    records = run_suite(write_suite(methods=methods, small=None), seeds=1, progress=True)
+    errors = {r["name"]: r["error"] for r in records}
+    assert all(r["status"] == "failed" for r in records)
+    assert errors["type"] == "TypeError: bench method 'toy_bad_outcome' returned dict, expected an Outcome"
+    assert errors["metric"] == "TypeError: metric 'accuracy' is not a number (found 'high')"
+    assert errors["model"] == "TypeError: Outcome.model must be a torch nn.Module; found function"
+
+
 def test_summary_mean_and_sample_std_over_seeds(write_suite):
     records = run_suite(write_suite(), seeds=3)
     rows = {r["name"]: r for r in summarize(records)}

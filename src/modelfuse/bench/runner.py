@@ -67,8 +67,12 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _number(x: Any) -> float | None:
-    x = float(x.item() if isinstance(x, torch.Tensor) else x)
+def _number(name: str, x: Any) -> float | None:
+    """A metric as a float; NaN and infinities as None (JSON has none)."""
+    try:
+        x = float(x.item() if isinstance(x, torch.Tensor) else x)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"metric {name!r} is not a number (found {x!r})") from None
     return x if math.isfinite(x) else None
 
 
@@ -109,10 +113,14 @@ def _run_one(
             raise TypeError(
                 f"bench method {entry.method!r} returned {type(outcome).__name__}, expected an Outcome"
             )
-        record["metrics"] = {str(k): _number(v) for k, v in outcome.metrics.items()}
+        record["metrics"] = {str(k): _number(str(k), v) for k, v in outcome.metrics.items()}
         record["series"] = {str(k): [[float(x), float(y)] for x, y in v] for k, v in outcome.series.items()}
         record["notes"] = str(outcome.notes)
         if outcome.model is not None:
+            if not isinstance(outcome.model, nn.Module):
+                raise TypeError(
+                    f"Outcome.model must be a torch nn.Module; found {type(outcome.model).__name__}"
+                )
             record["parameters"] = count_parameters(outcome.model)
             if pool.inference_input is not None:
                 record["inference_ms"] = inference_ms(outcome.model, pool.inference_input)
