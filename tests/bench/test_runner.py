@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from modelfuse.bench import Outcome
 from modelfuse.bench.results import read_results, summarize
 from modelfuse.bench.runner import run_suite
 from modelfuse.bench.schema import load_suite, recipe_hash
@@ -135,6 +136,31 @@ def test_interrupted_run_keeps_every_finished_method(write_suite, tmp_path, call
     calls.clear()
     run_suite(write_suite(), out=out, resume=True, seeds=1)
     assert calls == {"toy_fail": 1, "toy_wide": 1, "toy_mean": 1}
+
+
+def test_interrupted_resume_keeps_the_records_of_later_seeds(write_suite, tmp_path, monkeypatch):
+    from modelfuse.bench import _api
+
+    out = tmp_path / "out"
+    run_suite(write_suite(), out=out)
+    before = read_results(out)
+
+    def fixed_then_interrupted(pool):  # seed 0's retry succeeds (and is saved), seed 1's is cut off
+        if pool.seed == 1:
+            raise KeyboardInterrupt
+        return Outcome({"accuracy": 1.0})
+
+    method = _api.get_bench_method("toy_fail")
+    entry = type(method)(method.name, method.level, fixed_then_interrupted)
+    monkeypatch.setitem(_api._METHODS._entries, "toy_fail", entry)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(write_suite(), out=out, resume=True)
+    after = {(r["seed"], r["name"]): r for r in read_results(out)}
+    for r in before:
+        if r["status"] == "ok":  # every finished record, seed 1's too, is still in the file
+            assert after[(r["seed"], r["name"])] == r
+    assert after[(0, "toy_fail")]["status"] == "ok" and after[(1, "toy_fail")]["status"] == "failed"
+    assert [(r["seed"], r["name"]) for r in read_results(out)] == [(r["seed"], r["name"]) for r in before]
 
 
 def test_existing_folder_is_refused_without_resume_or_force(write_suite, tmp_path, calls):

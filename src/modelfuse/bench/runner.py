@@ -234,25 +234,22 @@ def run_suite(
         folder.mkdir(parents=True, exist_ok=True)
         text = _suite_yaml(suite, n_seeds)
         atomic_write(folder / SUITE_YAML, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    done = {(r["seed"], r["name"]): r for r in kept if r["status"] == "ok"}
-    records: dict[tuple[int, str], dict[str, Any]] = {}
-    extra = [r for r in kept if (r["seed"], r["name"]) not in {(s, e.display) for s, e in plan}]
+    keys = [(seed, entry.display) for seed, entry in plan]
+    # finished methods of an earlier run are kept; a failed one stays in the file until it has run again
+    earlier = {(r["seed"], r["name"]): r for r in kept}
+    records = {k: r for k, r in earlier.items() if r["status"] == "ok" and k in keys}
+    extra = [r for k, r in earlier.items() if k not in set(keys)]
 
     def save() -> None:
         if folder is not None:
-            write_results(folder, [*records.values(), *extra])
+            current = [records.get(k, earlier.get(k)) for k in keys]
+            write_results(folder, [*(r for r in current if r is not None), *extra])
 
     builder = get_pool_builder(suite.pool.builder)
     with progress_bar(f"bench {suite.suite}", total=len(plan), unit="methods", show=progress) as bar:
         for seed in range(n_seeds):
-            todo = []
-            for entry in suite.methods:
-                old = done.get((seed, entry.display))
-                if old is not None:
-                    records[(seed, entry.display)] = old
-                    bar.advance()
-                else:
-                    todo.append(entry)
+            todo = [entry for entry in suite.methods if (seed, entry.display) not in records]
+            bar.advance(len(suite.methods) - len(todo))
             if not todo:
                 continue
             bar.update(info=f"seed {seed}: building the pool")
@@ -271,4 +268,4 @@ def run_suite(
                 save()
                 bar.advance()
     save()
-    return [records[(seed, entry.display)] for seed, entry in plan]
+    return [records[k] for k in keys]
