@@ -282,7 +282,9 @@ def test_bad_yaml_names_the_field(write_suite, tmp_path):
         load_suite(bad)
 
 
-def test_unknown_suite_name_lists_the_built_in_ones():
+def test_unknown_suite_name_lists_the_built_in_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no_such_suite").mkdir()  # a folder of that name is not a suite file
     with pytest.raises(
         ConfigError, match=r"unknown suite 'no_such_suite'.*Built-in suites:.*path of a suite YAML"
     ):

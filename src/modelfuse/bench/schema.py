@@ -238,7 +238,7 @@ def load_suite(name_or_path: str | os.PathLike) -> SuiteSpec:
     load_builtin()
     text = str(name_or_path)
     path = Path(text)
-    if path.suffix.lower() in (".yaml", ".yml") or path.exists() or os.sep in text or "/" in text:
+    if path.suffix.lower() in (".yaml", ".yml") or path.is_file() or os.sep in text or "/" in text:
         return _validated(read_yaml(path, "suite"), str(path))
     builtin = list_suites()
     if text not in builtin:
