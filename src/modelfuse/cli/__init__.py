@@ -24,6 +24,7 @@ COMMANDS = {
     "demo": "modelfuse.cli.demo",
     "barrier": "modelfuse.cli.barrier",
     "align": "modelfuse.cli.align",
+    "bench": "modelfuse.cli.bench",
 }
 
 
