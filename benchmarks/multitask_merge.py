@@ -92,6 +92,9 @@ ADA_BATCH, ADA_EPOCHS = 16, 22
 #: fine-tuning epochs per family (and the jointly trained model's): the transformations start
 #: from a base that knows nothing of rotated or inverted digits and need longer
 FINETUNE_EPOCHS = {"labels": 3, "transforms": 8}
+HEADS = ("linear", "cosine")
+#: the cosine head's fixed logit scale, chosen once (see the module docstring)
+LOGIT_SCALE = 20.0
 
 
 @dataclasses.dataclass
@@ -148,10 +151,11 @@ def family(name: str, *, transforms_base: str = "original") -> Family:
     raise SystemExit(f"unknown family {name!r}; expected one of {', '.join(FAMILIES)}")
 
 
-def _model(seed: int) -> nn.Module:
+def _model(seed: int, head: str = "linear", logit_scale: float = LOGIT_SCALE) -> nn.Module:
+    extra = {"head": "cosine", "logit_scale": logit_scale} if head == "cosine" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=HIDDEN)
+        return create_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=HIDDEN, **extra)
 
 
 def _with(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -188,6 +192,8 @@ def run(
     ada_inputs: str = "val",
     finetune_lr: float = 1e-3,
     pretrain_epochs: int = PRETRAIN_EPOCHS,
+    head: str = "linear",
+    logit_scale: float = LOGIT_SCALE,
 ) -> dict[str, object]:
     """Every row's test accuracy per task for one family and one seed, plus the chosen settings.
 
@@ -195,7 +201,7 @@ def run(
     ``ada_inputs="test"`` adapts it on the tasks' unlabelled test inputs (``allow_test=True``).
     """
     fam = family(name, transforms_base=transforms_base)
-    base = _model(seed)
+    base = _model(seed, head, logit_scale)
     train(base, fam.pretrain, epochs=pretrain_epochs, seed=seed, batch_size=BATCH, progress=False)
     base.eval()
     members = []
@@ -261,6 +267,7 @@ def run(
     return {
         "family": name,
         "seed": seed,
+        "head": head,
         "tasks": fam.names,
         "acc": acc,
         "lambda_ta": lam_ta,
@@ -316,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--ada-inputs", choices=("val", "test"), default="val")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
+    p.add_argument("--head", choices=HEADS, default="linear", help="the zoo MLP's classifier")
+    p.add_argument("--logit-scale", type=float, default=LOGIT_SCALE, help="the cosine head's fixed scale")
     args = p.parse_args(argv)
     init = args.ada_init if args.ada_init == "val" else float(args.ada_init)
     print(machine())
@@ -332,10 +341,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ada_inputs=args.ada_inputs,
                 finetune_lr=args.finetune_lr,
                 pretrain_epochs=args.pretrain_epochs,
+                head=args.head,
+                logit_scale=args.logit_scale,
             )
             for s in args.seeds
         ]
         base_note = f", base pretrained on {args.transforms_base}" if name == "transforms" else ""
+        base_note += f", {args.head} head" + (
+            f" (scale {args.logit_scale:g})" if args.head == "cosine" else ""
+        )
         print(f"\n### {name} (test accuracy %, mean ± std over seeds {args.seeds}{base_note})\n")
         print(table(results))
         for r in results:

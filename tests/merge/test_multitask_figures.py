@@ -38,7 +38,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from modelfuse.merge import gram_matrices, regmean_merge
+from modelfuse.zoo import create_model
 
 SEEDS = (0, 1, 2)
 
@@ -60,6 +66,48 @@ def bench():
 @pytest.fixture(scope="module")
 def results(bench):
     return {name: [bench.run(name, seed) for seed in SEEDS] for name in bench.FAMILIES}
+
+
+def test_regmean_averages_the_cosine_head_and_solves_the_linear_layers():
+    """With ``head="cosine"`` RegMean Gram-merges the hidden Linear layers and averages the head.
+
+    The cosine head is not an ``nn.Linear`` (its input is normalised, its output not linear in
+    its weight), so ``gram_matrices`` has no statistic for it and ``regmean_merge`` takes the
+    plain mean of its weight. Checked against the closed forms in NumPy.
+    """
+    alpha, xs, models = 0.9, [], []
+    for k in range(3):
+        torch.manual_seed(k)
+        models.append(
+            create_model(
+                "mlp", input_shape=(1, 8, 8), num_classes=4, hidden=(6, 5), head="cosine", logit_scale=20.0
+            )
+        )
+        xs.append(torch.rand(120, 1, 8, 8) + k)
+    grams = [gram_matrices(m, DataLoader(TensorDataset(x), batch_size=50)) for m, x in zip(models, xs)]
+    assert set(grams[0].tensors) == {"features.fc1.weight", "features.fc2.weight"}
+    merged = regmean_merge([m.state_dict() for m in models], grams, alpha=alpha)
+
+    def npy(t):
+        return t.detach().double().numpy()
+
+    def regmean(ws, inputs):
+        gs = [a.T @ a for a in inputs]
+        gs = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in gs]
+        return np.linalg.solve(sum(gs), sum(g @ w.T for g, w in zip(gs, ws))).T
+
+    inputs1 = [npy(x.flatten(1)) for x in xs]
+    w1 = [npy(m.features.fc1.weight) for m in models]
+    np.testing.assert_allclose(npy(merged["features.fc1.weight"]), regmean(w1, inputs1), rtol=1e-4, atol=1e-5)
+    inputs2 = [
+        np.maximum(a @ npy(m.features.fc1.weight).T + npy(m.features.fc1.bias), 0.0)
+        for a, m in zip(inputs1, models)
+    ]
+    w2 = [npy(m.features.fc2.weight) for m in models]
+    np.testing.assert_allclose(npy(merged["features.fc2.weight"]), regmean(w2, inputs2), rtol=1e-4, atol=1e-5)
+    for name in ("classifier.weight", "features.fc1.bias", "features.fc2.bias"):
+        mean = np.mean([npy(m.state_dict()[name]) for m in models], axis=0)
+        np.testing.assert_allclose(npy(merged[name]), mean, rtol=1e-6, atol=1e-7)
 
 
 def _avg(result, row: str) -> float:
