@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,40 @@ def test_model_options_are_honoured():
     v = create_model("vgg_small", input_shape=(1, 8, 8), num_classes=3, widths=(4, 8), depth=3)
     assert sum(isinstance(layer, nn.Conv2d) for layer in v.modules()) == 6
     assert sum(isinstance(layer, nn.BatchNorm2d) for layer in v.modules()) == 6
+
+
+def test_mlp_cosine_head_is_opt_in_and_matches_the_formula():
+    default = create_model("mlp", input_shape=(1, 8, 8), num_classes=4, hidden=(6,))
+    assert isinstance(default.classifier, nn.Linear)
+    torch.manual_seed(0)
+    m = create_model(
+        "mlp", input_shape=(1, 8, 8), num_classes=4, hidden=(6, 5), head="cosine", logit_scale=7.0
+    )
+    assert not isinstance(m.classifier, nn.Linear)
+    assert set(m.state_dict()) == {
+        "features.fc1.weight",
+        "features.fc1.bias",
+        "features.fc2.weight",
+        "features.fc2.bias",
+        "classifier.weight",
+    }  # bias-free, scale not stored
+    x = torch.rand(9, 1, 8, 8)
+    with torch.no_grad():
+        h = m.forward_features(x).double().numpy()
+        w = m.classifier.weight.double().numpy()
+        out = m(x).double().numpy()
+        # scaling the class embeddings (or, for non-negative scalars, the features) changes nothing
+        m.classifier.weight.mul_(13.0)
+        scaled = m(x).double().numpy()
+    cos = (h / np.linalg.norm(h, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(out, 7.0 * cos, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scaled, out, rtol=1e-5, atol=1e-5)
+    assert np.abs(out).max() <= 7.0 + 1e-5
+    assert torch.fx.symbolic_trace(m)(x).shape == (9, 4)
+    with pytest.raises(ConfigError, match="head must be one of"):
+        create_model("mlp", input_shape=(1, 8, 8), num_classes=4, head="cos")
+    with pytest.raises(ConfigError, match="scale must be"):
+        create_model("mlp", input_shape=(1, 8, 8), num_classes=4, head="cosine", logit_scale=0.0)
 
 
 def test_unknown_model_lists_close_names():

@@ -2,7 +2,7 @@
 
 Every model is a plain, FX-traceable ``nn.Module`` with the same outline: ``forward_features``
 maps a batch to pooled feature vectors of size ``num_features``, and ``classifier`` (one
-``nn.Linear``) maps those to logits. Convolutional models end in adaptive pooling and pool
+``nn.Linear``; for the MLP, opt-in, a :class:`CosineClassifier`) maps those to logits. Convolutional models end in adaptive pooling and pool
 with ``ceil_mode=True``, so they run on any input size, however small.
 """
 
@@ -26,8 +26,46 @@ def _check(input_shape: Sequence[int], ndim: int, arch: str) -> None:
         )
 
 
+class CosineClassifier(nn.Module):
+    """A bias-free cosine-similarity head: ``logits = scale * normalize(h) @ normalize(W)^T``.
+
+    The logits of CLIP-style zero-shot heads: L2-normalised features against L2-normalised
+    class embeddings (the rows of ``weight``), times a fixed ``scale`` (CLIP uses 100). Every
+    logit lies in ``[-scale, scale]`` whatever the weights, so no change of the weights can
+    inflate the logits beyond that. ``scale`` is a fixed number, not a parameter or a buffer
+    (it is not in the state dict, so merges never touch it); build every model of a merge with
+    the same ``scale``. ``weight`` is an ``nn.Parameter`` of shape (num_classes, in_features),
+    but the module is not an ``nn.Linear``: statistics defined for Linear layers (RegMean's Gram
+    matrices) skip it, and RegMean averages it like any other non-Linear tensor.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float, eps: float = 1e-12) -> None:
+        super().__init__()
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"CosineClassifier: scale must be a finite number > 0; found {scale!r}")
+        self.in_features, self.out_features = int(in_features), int(num_classes)
+        self.scale, self.eps = float(scale), float(eps)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.normalize(h, dim=-1, eps=self.eps)
+        w = nn.functional.normalize(self.weight, dim=-1, eps=self.eps)
+        return self.scale * h @ w.T
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}, bias=False"
+
+
+HEADS = ("linear", "cosine")
+
+
 class MLP(nn.Module):
-    """Flatten, then ``Linear -> ReLU (-> Dropout)`` per hidden width, then a linear classifier."""
+    """Flatten, then ``Linear -> ReLU (-> Dropout)`` per hidden width, then a classifier.
+
+    ``head="linear"`` (the default) ends in an ``nn.Linear``; ``head="cosine"`` in a
+    :class:`CosineClassifier` with the fixed ``logit_scale`` (CLIP-style normalised logits).
+    """
 
     def __init__(
         self,
@@ -35,6 +73,8 @@ class MLP(nn.Module):
         num_classes: int,
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.0,
+        head: str = "linear",
+        logit_scale: float = 20.0,
     ) -> None:
         super().__init__()
         width = math.prod(input_shape)
@@ -48,7 +88,12 @@ class MLP(nn.Module):
             width = h
         self.features = nn.Sequential(layers)
         self.num_features = width
-        self.classifier = nn.Linear(width, num_classes)
+        if head == "linear":
+            self.classifier: nn.Module = nn.Linear(width, num_classes)
+        elif head == "cosine":
+            self.classifier = CosineClassifier(width, num_classes, logit_scale)
+        else:
+            raise ConfigError(f"mlp: head must be one of {', '.join(HEADS)}; found {head!r}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.flatten(x))
@@ -195,10 +240,22 @@ class ResNet(nn.Module):
 
 @register_model("mlp", input_shapes=((1, 8, 8), (3, 32, 32), (1, 40)))
 def mlp(
-    *, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (256, 128),
+    dropout: float = 0.0,
+    head: str = "linear",
+    logit_scale: float = 20.0,
 ) -> MLP:
-    """Multi-layer perceptron on the flattened input; ``hidden`` lists the hidden widths."""
-    return MLP(input_shape, num_classes, hidden=tuple(hidden), dropout=dropout)
+    """Multi-layer perceptron on the flattened input; ``hidden`` lists the hidden widths.
+
+    ``head="cosine"`` replaces the linear classifier by a bias-free :class:`CosineClassifier`
+    with the fixed ``logit_scale`` (ignored for the default ``head="linear"``).
+    """
+    return MLP(
+        input_shape, num_classes, hidden=tuple(hidden), dropout=dropout, head=head, logit_scale=logit_scale
+    )
 
 
 @register_model("cnn")
