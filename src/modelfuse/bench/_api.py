@@ -110,12 +110,27 @@ def register_bench_method(name: str, level: str, summary: str = "") -> Callable[
     return deco
 
 
+_BUILTIN = {"loaded": False}
+
+
+def _builtin() -> None:
+    """Register the built-in suites' pools and methods (once, on the first look-up)."""
+    if not _BUILTIN["loaded"]:
+        _BUILTIN["loaded"] = True
+        from modelfuse.bench.schema import load_builtin
+
+        load_builtin()
+
+
 def get_bench_method(name: str) -> BenchMethod:
     """The bench method registered as ``name`` (unknown names list the registered ones)."""
+    _builtin()
     return _METHODS.get(name)
 
 
 def list_bench_methods(pattern: str = "*") -> list[str]:
+    """Registered bench methods (the built-in suites' included) matching ``pattern``, sorted."""
+    _builtin()
     return _METHODS.names(pattern)
 
 
@@ -130,10 +145,14 @@ def register_pool_builder(name: str) -> Callable[[Callable[..., BenchPool]], Cal
 
 
 def get_pool_builder(name: str) -> Callable[..., BenchPool]:
+    """The pool builder registered as ``name`` (unknown names list the registered ones)."""
+    _builtin()
     return _POOLS.get(name)
 
 
 def list_pool_builders(pattern: str = "*") -> list[str]:
+    """Registered pool builders (the built-in suites' included) matching ``pattern``, sorted."""
+    _builtin()
     return _POOLS.names(pattern)
 
 
