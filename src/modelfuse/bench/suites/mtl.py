@@ -94,7 +94,7 @@ def task_losses(model: nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.
 def _mask(n: int, missing: float, task: str, seed: int) -> torch.Tensor:
     if task not in TASKS:
         raise ConfigError(f"missing_task must be one of {', '.join(TASKS)}; found {task!r}")
-    if not 0.0 <= float(missing) < 1.0:
+    if isinstance(missing, bool) or not isinstance(missing, (int, float)) or not 0.0 <= float(missing) < 1.0:
         raise ConfigError(
             f"missing (share of {task!r} labels hidden) must be in [0, 1); found {missing!r}: "
             "at 1 that task would have no label at all"
