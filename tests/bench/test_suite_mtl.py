@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from importlib.resources import files
 
 import numpy as np
@@ -35,9 +36,13 @@ NETWORK_PARAMETERS = (64 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10) + 2 * (
 
 
 @pytest.fixture(scope="module")
-def pool() -> BenchPool:
-    torch.set_num_threads(1)
-    return get_pool_builder(SUITE["pool"]["builder"])(seed=0, **SMALL)
+def pool() -> Iterator[BenchPool]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: more threads only contend on a shared machine
+    try:
+        yield get_pool_builder(SUITE["pool"]["builder"])(seed=0, **SMALL)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
