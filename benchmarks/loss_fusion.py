@@ -9,7 +9,9 @@ over the seeds; the table prints each task's test accuracy, mean +/- std over th
 
 Method settings: defaults, except ``fixed`` (weights 1, 0.5, 0.5: an arbitrary hand choice),
 ``gradnorm`` (gradient norms at the last shared layer) and ``dwa`` (closes epochs as a
-callback). Gradient methods get the whole trunk as shared parameters.
+callback). Gradient methods get the whole trunk as shared parameters. The network, the data and
+the training are those of the ``mtl`` bench suite (``modelfuse.bench.suites.mtl``), seed 0's
+hidden parity labels for every seed.
 
     PYTHONPATH=src .venv/bin/python benchmarks/loss_fusion.py [--seeds 0 1 2] [--epochs 30] [--methods equal dwa]
 
@@ -23,71 +25,20 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from _machine import machine
-from modelfuse.data import load
-from modelfuse.losses import get_loss_fusion, list_loss_fusions, masked_task_losses
-from modelfuse.zoo import evaluate, train
+from modelfuse.bench.suites.mtl import targets, task_accuracies, task_data, train_multitask
+from modelfuse.losses import list_loss_fusions
 
-TASKS = ("digit", "parity", "> 4")
-OPTIONS = {"fixed": {"weights": [1.0, 0.5, 0.5]}}
+TASKS = ("digit", "parity", "> 4")  # column labels of modelfuse.bench.suites.mtl.TASKS
 
 
-class ThreeHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(64, 10), nn.Linear(64, 2), nn.Linear(64, 2)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.trunk(x)
-        return [head(h) for head in self.heads]
-
-
-def targets(y: torch.Tensor) -> list[torch.Tensor]:
-    return [y, y % 2, (y > 4).long()]
-
-
-def task_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, mask = batch
-    per_sample = [F.cross_entropy(o, t, reduction="none") for o, t in zip(model(x), targets(y), strict=True)]
-    return masked_task_losses(per_sample, mask)
-
-
-def run(name: str, seed: int, data: TensorDataset, test: TensorDataset, epochs: int) -> list[float]:
-    torch.manual_seed(seed)
-    model = ThreeHeads()
-    fusion = get_loss_fusion(name)(num_tasks=3, task_names=list(TASKS), **OPTIONS.get(name, {}))
-    shared = model.trunk[-2] if name == "gradnorm" else model.trunk
-
-    # gradient methods combine the trunk's per-task gradients; the heads get the plain sum's
-    extra = {"task_parameters": list(model.heads.parameters())} if fusion.uses_gradients else {}
-
-    def backward(out):
-        losses, present = out
-        return fusion.backward(losses, shared_parameters=shared.parameters(), present=present, **extra)
-
-    callbacks = [fusion] if hasattr(fusion, "on_epoch_end") else []
-    train(model, data, epochs=epochs, seed=seed, lr=1e-3, loss=task_losses, backward=backward,
-          param_groups=[*model.parameters(), *fusion.parameters()], callbacks=callbacks)
+def run(name: str, seed: int, data, test, epochs: int) -> list[float]:
+    """Test accuracies (%) of the three heads trained with loss fusion ``name`` from ``seed``."""
+    model, _ = train_multitask(name, data, seed=seed, epochs=epochs, lr=1e-3)
     x, y = test.tensors
-    return [
-        100 * evaluate(nn.Sequential(model.trunk, head), TensorDataset(x, t))["accuracy"]
-        for head, t in zip(model.heads, targets(y), strict=True)
-    ]
-
-
-def task_data(missing: float = 0.5) -> tuple[TensorDataset, TensorDataset]:
-    """Digits' train split as ``(x, digit, task mask)`` with ``missing`` of the parity labels hidden
-    (seeded), and the test split."""
-    digits = load("digits")
-    x, y = digits.train.tensors
-    mask = torch.ones(len(y), 3, dtype=torch.bool)
-    mask[:, 1] = torch.rand(len(y), generator=torch.Generator().manual_seed(0)) >= missing
-    return TensorDataset(x, y, mask), digits.test
+    return [100 * s["accuracy"] for s in task_accuracies(model, [TensorDataset(x, t) for t in targets(y)])]
 
 
 def table(methods: list[str], seeds: list[int], epochs: int, missing: float = 0.5):
