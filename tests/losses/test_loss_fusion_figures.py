@@ -31,8 +31,16 @@ def _bench():
     return mod
 
 
-def test_every_method_trains_all_three_heads():
+@pytest.fixture
+def one_thread():
+    """One torch thread (as the benchmark), restored afterwards: later tests' figures depend on it."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_method_trains_all_three_heads(one_thread):
     bench = _bench()
     methods = list_loss_fusions()
     seen = []
