@@ -129,8 +129,12 @@ def test_merged_minilm_loads_with_automodel_and_beats_chance_on_every_task():
     # the multi-head model of a merge gives every task's logits in one pass
     logits = outs["text_ties"].model(pool.inference_input)
     assert logits.shape == (len(pool.inference_input), sum(t.num_classes for t in pool.tasks.values()))
-    # a second build reads the fine-tunes back from the cache: the same weights
+    # a second build reads the fine-tunes back from the cache (files untouched): the same weights
+    folders = list(pool.extra["folders"].values())
+    stamps = [(f / "model.safetensors").stat().st_mtime_ns for f in folders]
     again = get_pool_builder("minilm_tasks")(seed=0, **SMALL)
+    assert list(again.extra["folders"].values()) == folders
+    assert [(f / "model.safetensors").stat().st_mtime_ns for f in folders] == stamps
     for a, b in zip(pool.models.values(), again.models.values()):
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k])

@@ -333,7 +333,9 @@ def dare(
     lambda_: float | None = None,
     lambdas: Sequence[float] = LAMBDAS,
 ) -> Outcome:
-    """DARE (Yu et al. 2024): drop task-vector entries at random (seeded), rescale, task arithmetic."""
+    """DARE (Yu et al. 2024): drop task-vector entries at random, rescale, task arithmetic; lambda swept.
+
+    The masks are seeded by ``seed`` plus the pool's seed (each suite seed draws other masks)."""
     return swept_merge(
         pool,
         "dare_linear",

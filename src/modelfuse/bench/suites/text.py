@@ -276,8 +276,12 @@ def _cached_finetune(spec: dict[str, Any], cache: bool, work: Path, make: Any) -
         save_state_dict(head, tmp / "head.safetensors", force=True)
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True))
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote the same entry meanwhile: the same weights, keep theirs
+            if not (folder / "spec.json").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
