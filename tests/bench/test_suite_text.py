@@ -30,10 +30,16 @@ def test_generated_tasks_are_balanced_seeded_and_labelled_by_their_vocabulary(ta
     assert suite.generate_task(task, 60, seed=4)[0] != sentences
     k = len(suite.CLASSES[task])
     assert [labels.count(c) for c in range(k)] == [60 // k] * k
+    if task == "sentiment":  # both polarities of adjective occur under both labels
+        negated = [bool(_words(s) & set(suite.NEGATIONS)) for s in sentences]
+        assert 10 < sum(negated) < 50
     for s, y in zip(sentences, labels):
         if task == "sentiment":
-            assert _words(s) & set(suite.POSITIVE if y == 1 else suite.NEGATIVE)
-            assert not _words(s) & set(suite.NEGATIVE if y == 1 else suite.POSITIVE)
+            # positive iff a positive adjective stands un-negated or a negative one negated
+            negated = bool(_words(s) & set(suite.NEGATIONS))
+            positive_adj = bool(_words(s) & set(suite.POSITIVE))
+            assert positive_adj != bool(_words(s) & set(suite.NEGATIVE))
+            assert (positive_adj != negated) == (y == 1)
         elif task == "topic":
             topic = suite.CLASSES["topic"][y]
             assert any(w in s for w in suite.TOPICS[topic])

@@ -2,7 +2,7 @@
 text classification tasks, merged with the task-vector methods: the NLP case on real pretrained weights.
 
 Pool builder ``minilm_tasks``: K tasks of template sentences over a controlled vocabulary,
-generated with a seeded RNG (``sentiment``: positive vs negative adjectives; ``topic``: sports /
+generated with a seeded RNG (``sentiment``: positive vs negative adjectives, half of the sentences negated; ``topic``: sports /
 food / weather words; ``question``: question vs statement word order). For each task a copy of
 the pretrained encoder and a linear head on its mean-pooled output are fine-tuned briefly
 (CPU, seeded, through :func:`modelfuse.zoo.train`; the token embeddings stay frozen, and with
@@ -47,6 +47,7 @@ from modelfuse.zoo import member_key, train
 #: controlled vocabulary of the generated tasks
 NOUNS = ["movie", "meal", "trip", "book", "game", "song", "hotel", "class", "party", "show", "car", "garden"]
 POSITIVE = ["wonderful", "great", "excellent", "lovely", "delightful", "fantastic", "pleasant", "superb"]
+NEGATIONS = ("not", "never", "nobody")
 NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "boring", "poor", "disappointing", "miserable"]
 TOPICS = {
     "sports": [
@@ -95,13 +96,26 @@ def minilm_path() -> Path:
 
 def _sentence(task: str, label: int, rng: random.Random) -> str:
     if task == "sentiment":
-        adj = rng.choice(POSITIVE if label == 1 else NEGATIVE)
+        # half the sentences are negated, which flips the adjective's polarity: the label is not
+        # readable from the adjective alone
+        negated = rng.random() < 0.5
+        adj = rng.choice(POSITIVE if (label == 1) != negated else NEGATIVE)
+        noun = rng.choice(NOUNS)
+        if negated:
+            return rng.choice(
+                [
+                    f"the {noun} was not {adj}",
+                    f"i never thought the {noun} was {adj}",
+                    f"nobody found the {noun} {adj}",
+                    f"honestly the {noun} did not feel {adj} {rng.choice(CLOSERS)}",
+                ]
+            )
         return rng.choice(
             [
-                f"the {rng.choice(NOUNS)} was {adj}",
-                f"i thought the {rng.choice(NOUNS)} was really {adj}",
-                f"what a {adj} {rng.choice(NOUNS)}",
-                f"honestly the {rng.choice(NOUNS)} felt {adj} {rng.choice(CLOSERS)}",
+                f"the {noun} was {adj}",
+                f"i thought the {noun} was really {adj}",
+                f"what a {adj} {noun}",
+                f"honestly the {noun} felt {adj} {rng.choice(CLOSERS)}",
             ]
         )
     if task == "topic":
