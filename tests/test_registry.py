@@ -59,6 +59,8 @@ VOCABULARY = [
     ("modelfuse.losses", "loss_fusion", "loss_fusions", "uncertainty"),
     ("modelfuse.losses", "teacher_weighting", "teacher_weightings", "confidence"),
     ("modelfuse.activations", "activation", "activations", "relu"),
+    ("modelfuse.bench", "bench_method", "bench_methods", "loss_fusion"),
+    ("modelfuse.bench", "pool_builder", "pool_builders", "digits_multitask"),
 ]
 
 
