@@ -15,6 +15,9 @@ from modelfuse.bench.suites import features as suite
 from modelfuse.errors import ConfigError, RegistryError
 from modelfuse.features import list_feature_fusions
 
+#: narrow backbones for the tests (seconds to train)
+TINY_WIDTHS = [8, 16, 32]
+
 
 def _yaml() -> dict:
     return yaml.safe_load(resources.files("modelfuse.bench.suites").joinpath("features.yaml").read_text())
@@ -23,7 +26,7 @@ def _yaml() -> dict:
 @pytest.fixture(scope="module")
 def pool():
     torch.manual_seed(0)
-    return get_pool_builder("digits_backbones")(seed=0, epochs=1)
+    return get_pool_builder("digits_backbones")(seed=0, epochs=1, widths=TINY_WIDTHS)
 
 
 def test_registration_names_exist():
@@ -78,9 +81,9 @@ def test_backbone_alone_against_numpy(pool):
 
 def test_concat_head_parameter_count_by_hand(pool):
     out = get_bench_method("feature_fusion").fn(pool, fuse="concat", channels=64, hidden=[256], epochs=1)
-    # vgg_small's last map has 128 channels: a 1x1 projection to 64 (weights + bias); resnet_small's has
-    # 64 already (no projection); concat gives 128 features; head 128 -> 256 -> 10
-    by_hand = (128 * 64 + 64) + (128 * 256 + 256) + (256 * 10 + 10)
+    # both last maps have 32 channels (the widest stage): a 1x1 projection to 64 each (weights +
+    # bias); concat gives 128 features; head 128 -> 256 -> 10
+    by_hand = 2 * (32 * 64 + 64) + (128 * 256 + 256) + (256 * 10 + 10)
     assert out.metrics["trained_parameters"] == by_hand
     frozen = sum(p.numel() for m in pool.models.values() for p in m.parameters())
     assert sum(p.numel() for p in out.model.parameters()) == frozen + by_hand

@@ -192,3 +192,19 @@ def test_suite_figures_on_the_full_pool_of_seed_0():
     naive = run("average (naive)")["accuracy"]
     aligned = run("average (weight matching + REPAIR)")["accuracy"]
     assert aligned > naive + 0.5, (aligned, naive)
+
+
+def test_mlp_pool_option():
+    mlp = get_pool_builder("digits_seeds")(
+        seed=0, members=2, arch="mlp", epochs=1, model_kwargs={"hidden": [32]}
+    )
+    assert mlp.info["arch"] == "mlp" and list(mlp.models) == ["seed0", "seed1"]
+    # by hand: 64 -> 32 -> 10 with biases, twice in the packed ensemble
+    packed = get_bench_method("packed_ensemble").fn(mlp)
+    assert sum(p.numel() for p in packed.model.parameters()) == 2 * (64 * 32 + 32 + 32 * 10 + 10)
+    for method, params in (
+        ("weight_average", {"align": "weight_matching", "repair": True, "barrier": False}),
+        ("stitching", {"epochs": 1}),
+    ):
+        out = get_bench_method(method).fn(mlp, **params)
+        assert 0.0 <= out.metrics["accuracy"] <= 1.0 and math.isfinite(out.metrics["nll"])

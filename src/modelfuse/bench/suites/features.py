@@ -27,9 +27,11 @@ STITCH_BACK = "layers.layer2"
 
 
 @register_pool_builder("digits_backbones")
-def digits_backbones(seed: int = 0, *, epochs: int = 10, cache: bool = True) -> BenchPool:
+def digits_backbones(
+    seed: int = 0, *, epochs: int = 10, widths: list[int] | None = None, cache: bool = True
+) -> BenchPool:
     """``vgg_small`` and ``resnet_small`` trained on digits for ``epochs`` from seed ``seed * 100``
-    (the ResNet from ``seed * 100 + 1``)."""
+    (the ResNet from ``seed * 100 + 1``); ``widths``: both networks' stage widths (default: the zoo's)."""
     from modelfuse.zoo import build_pool
 
     if int(epochs) < 1:
@@ -37,9 +39,16 @@ def digits_backbones(seed: int = 0, *, epochs: int = 10, cache: bool = True) -> 
     models: dict[str, torch.nn.Module] = {}
     metrics: dict[str, dict[str, float]] = {}
     data = None
+    kwargs = {} if widths is None else {"widths": [int(w) for w in widths]}
     for k, arch in enumerate(BACKBONES):
         pool = build_pool(
-            arch, "digits", seeds=[int(seed) * 100 + k], epochs=int(epochs), cache=cache, progress=False
+            arch,
+            "digits",
+            seeds=[int(seed) * 100 + k],
+            epochs=int(epochs),
+            model_kwargs=kwargs,
+            cache=cache,
+            progress=False,
         )
         models[arch] = pool.members[0].eval()
         metrics[arch] = pool.metrics[0]
@@ -51,6 +60,7 @@ def digits_backbones(seed: int = 0, *, epochs: int = 10, cache: bool = True) -> 
             "dataset": "digits",
             "backbones": list(BACKBONES),
             "epochs": int(epochs),
+            "model_kwargs": kwargs,
             "seeds": [int(seed) * 100 + k for k in range(len(BACKBONES))],
             "backbone_test_accuracy": {a: round(m["test_accuracy"], 4) for a, m in metrics.items()},
         }
