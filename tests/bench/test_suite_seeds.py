@@ -209,3 +209,8 @@ def test_mlp_pool_option():
     ):
         out = get_bench_method(method).fn(mlp, **params)
         assert 0.0 <= out.metrics["accuracy"] <= 1.0 and math.isfinite(out.metrics["nll"])
+
+
+def test_dataset_option_is_checked():
+    with pytest.raises(ConfigError, match="dataset must be one of digits, digits_hard"):
+        get_pool_builder("digits_seeds")(seed=0, dataset="cifar10")

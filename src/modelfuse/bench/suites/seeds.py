@@ -24,6 +24,8 @@ from modelfuse.errors import ConfigError
 
 #: the architectures the pool builder trains (the zoo names) and their default options
 ARCHS: dict[str, dict[str, Any]] = {"cnn": {"batch_norm": True}, "mlp": {}}
+#: the datasets the pool builder trains on (modelfuse.data names)
+DATASETS = ("digits", "digits_hard")
 #: where stitching cuts each architecture by default (a middle layer)
 STITCH_AT = {"cnn": "features.conv2", "mlp": "features.relu1"}
 #: interpolation points of the loss-barrier curves
@@ -45,15 +47,21 @@ def digits_seeds(
     arch: str = "cnn",
     epochs: int = 10,
     model_kwargs: dict[str, Any] | None = None,
+    dataset: str = "digits",
+    data_kwargs: dict[str, Any] | None = None,
     cache: bool = True,
 ) -> BenchPool:
-    """``members`` models of ``arch`` (``cnn`` with BatchNorm, or ``mlp``) trained on digits from
-    seeds ``seed * 100 + k``; ``extra`` holds every member's validation and test logits (K, N, C)."""
+    """``members`` models of ``arch`` (``cnn`` with BatchNorm, or ``mlp``) trained on ``dataset`` (one of
+    :data:`DATASETS`: clean digits, or digits with noise and occlusions, which leaves fusion room to
+    help) from seeds ``seed * 100 + k``; ``extra`` holds every member's validation and test logits
+    (K, N, C)."""
     from modelfuse.data import labels_of
     from modelfuse.zoo import build_pool, predict
 
     if arch not in ARCHS:
         raise ConfigError(f"digits_seeds: arch must be one of {', '.join(ARCHS)}; found {arch!r}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"digits_seeds: dataset must be one of {', '.join(DATASETS)}; found {dataset!r}")
     if int(members) < 2:
         raise ConfigError(
             f"digits_seeds: members must be at least 2 (there is nothing to fuse); found {members}"
@@ -63,7 +71,14 @@ def digits_seeds(
     kwargs = {**ARCHS[arch], **(model_kwargs or {})}
     seeds = member_seeds(seed, members)
     pool = build_pool(
-        arch, "digits", seeds=seeds, epochs=int(epochs), model_kwargs=kwargs, cache=cache, progress=False
+        arch,
+        dataset,
+        seeds=seeds,
+        epochs=int(epochs),
+        model_kwargs=kwargs,
+        data_kwargs=data_kwargs,
+        cache=cache,
+        progress=False,
     )
     data = pool.data
     models = {f"seed{s}": m.eval() for s, m in zip(seeds, pool.members)}
@@ -80,7 +95,8 @@ def digits_seeds(
     }
     info = info_of(
         {
-            "dataset": "digits",
+            "dataset": dataset,
+            "data_kwargs": dict(data_kwargs or {}),
             "arch": arch,
             "members": int(members),
             "epochs": int(epochs),
