@@ -192,7 +192,8 @@ def test_suite_figures_on_the_full_pool_of_seed_0():
     assert best_ensemble_nll < best["nll"]
     naive = run("average (naive)")["accuracy"]
     aligned = run("average (weight matching + REPAIR)")["accuracy"]
-    assert aligned > naive + 0.5, (aligned, naive)
+    # measured on seeds 0, 1, 2 (benchmarks/RESULTS.md): aligned - naive = 0.58, 0.70, 0.64
+    assert aligned > naive + 0.4, (aligned, naive)
 
 
 def test_mlp_pool_option():
