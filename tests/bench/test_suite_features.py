@@ -94,6 +94,8 @@ def test_bad_inputs_are_clear(pool):
         get_bench_method("backbone").fn(pool, name="vit")
     with pytest.raises(RegistryError, match="Registered:"):
         get_bench_method("feature_fusion").fn(pool, fuse="no_such_operator", epochs=1)
+    with pytest.raises(ConfigError, match="dataset must be one of digits, digits_hard"):
+        get_pool_builder("digits_backbones")(seed=0, dataset="cifar10")
     with pytest.raises(ConfigError, match="epochs must be at least 1"):
         get_pool_builder("digits_backbones")(seed=0, epochs=0)
     assert suite.STITCH_FRONT in {n for n, _ in pool.models["vgg_small"].named_modules()}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from modelfuse.bench._api import BenchPool, Outcome, info_of, register_bench_method, register_pool_builder
-from modelfuse.bench.suites.seeds import INFERENCE_BATCH, scores
+from modelfuse.bench.suites.seeds import DATASETS, INFERENCE_BATCH, scores
 from modelfuse.errors import ConfigError
 
 #: the backbones of the pool, in order, and where feature fusion taps each (its last feature map)
@@ -28,12 +28,22 @@ STITCH_BACK = "layers.layer2"
 
 @register_pool_builder("digits_backbones")
 def digits_backbones(
-    seed: int = 0, *, epochs: int = 10, widths: list[int] | None = None, cache: bool = True
+    seed: int = 0,
+    *,
+    epochs: int = 10,
+    widths: list[int] | None = None,
+    dataset: str = "digits",
+    cache: bool = True,
 ) -> BenchPool:
-    """``vgg_small`` and ``resnet_small`` trained on digits for ``epochs`` from seed ``seed * 100``
-    (the ResNet from ``seed * 100 + 1``); ``widths``: both networks' stage widths (default: the zoo's)."""
+    """``vgg_small`` and ``resnet_small`` trained on ``dataset`` (``digits`` or ``digits_hard``) for
+    ``epochs`` from seed ``seed * 100`` (the ResNet from ``seed * 100 + 1``); ``widths``: both
+    networks' stage widths (default: the zoo's)."""
     from modelfuse.zoo import build_pool
 
+    if dataset not in DATASETS:
+        raise ConfigError(
+            f"digits_backbones: dataset must be one of {', '.join(DATASETS)}; found {dataset!r}"
+        )
     if int(epochs) < 1:
         raise ConfigError(f"digits_backbones: epochs must be at least 1; found {epochs}")
     models: dict[str, torch.nn.Module] = {}
@@ -43,7 +53,7 @@ def digits_backbones(
     for k, arch in enumerate(BACKBONES):
         pool = build_pool(
             arch,
-            "digits",
+            dataset,
             seeds=[int(seed) * 100 + k],
             epochs=int(epochs),
             model_kwargs=kwargs,
@@ -57,7 +67,7 @@ def digits_backbones(
     x_test = torch.stack([data.test[i][0] for i in range(min(INFERENCE_BATCH, len(data.test)))])
     info = info_of(
         {
-            "dataset": "digits",
+            "dataset": dataset,
             "backbones": list(BACKBONES),
             "epochs": int(epochs),
             "model_kwargs": kwargs,
