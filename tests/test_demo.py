@@ -130,3 +130,35 @@ def test_demo_help_names_only_its_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--members", "3"])
     assert exit_.value.code == 2
+
+
+def test_demo_runs_each_suite_small_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    import modelfuse.bench.runner as runner
+
+    calls = []
+
+    def fake_run_suite(suite, **kw):
+        calls.append((suite, torch.get_num_threads(), kw))
+        if suite == "tasks":
+            raise RuntimeError("boom")
+        return []
+
+    monkeypatch.setattr(runner, "run_suite", fake_run_suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_demo(tmp_path / "out", progress=False)
+        assert torch.get_num_threads() == 2  # restored although a suite raised
+    finally:
+        torch.set_num_threads(threads)
+    assert [c[0] for c in calls] == ["seeds", "features", "tasks"]
+    for suite, n, kw in calls:
+        assert n == 1
+        assert kw == {
+            "seeds": 1,
+            "out": tmp_path / "out" / suite,
+            "force": True,
+            "small": True,
+            "progress": False,
+        }
