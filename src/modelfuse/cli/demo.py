@@ -89,7 +89,9 @@ def run_demo(out: str | Path = DEMO_OUT, *, progress: bool | None = None) -> Dem
     out = Path(out)
     _claim(out)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the small suites' models are tiny: one thread is faster than several
+    # the small suites' models are tiny: on a quiet 2-core machine 1 thread runs them as fast as 2
+    # (benchmarks/RESULTS.md, demo_time), and on a busy one threads only wait for each other
+    torch.set_num_threads(1)
     try:
         records: list[dict[str, Any]] = []
         for suite in DEMO_SUITES:
