@@ -1,135 +1,164 @@
-"""``modelfuse demo``: its figures against an independent computation, and the command end to end
-(its run time is measured by benchmarks/demo_time.py, not asserted here)."""
+"""``modelfuse demo``: the tour of all six levels end to end (in-process, fresh cache), its table
+against the records it wrote, and its refusal of folders that are not its own (its run time is
+measured by benchmarks/demo_time.py, not asserted here)."""
 
 from __future__ import annotations
 
-import os
+import html
+import json
 import re
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
-from modelfuse.cli.demo import DEMO_ARCH, DEMO_DATA, demo_rows
-from modelfuse.zoo import build_pool, predict
+from modelfuse.bench.results import RESULTS_JSON
+from modelfuse.cli import main
+from modelfuse.cli.demo import DEMO_MARKER, DEMO_SUITES, run_demo
+from modelfuse.errors import OutputExistsError
+
+LEVELS = ("output", "feature", "structure", "parameter", "activation", "loss")
+ROW = re.compile(r"^│\s*(\w*)\s*│\s*(.+?)\s*│\s*(\w+)\s*│\s*([\d.]+)\s*│\s*([\d.]+K?M?)\s*│\s*([\d.]+)\s*│$")
 
 
-def np_log_softmax(z):
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+def read_json(path):
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else data["results"]
 
 
-def np_figures(log_p, labels):
-    """(accuracy, NLL) of log-probabilities, in NumPy."""
-    return (log_p.argmax(1) == labels).mean(), -log_p[np.arange(len(labels)), labels].mean()
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `modelfuse demo` through the command's entry point, fresh cache, torch at 3 threads
+    before it; the captured stdout, the output folder and the thread count after it."""
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MODELFUSE_CACHE", str(root / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            code = main(["demo", "--out", str(root / "out")])
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    return code, buffer.getvalue(), root / "out", after
 
 
-def test_demo_rows_match_independent_computations():
-    result = demo_rows(members=3, epochs=3, seed=0)
-    rows = result.rows
-    assert [(r.level, r.name) for r in rows] == [
-        ("members", "member seed=0"),
-        ("members", "member seed=1"),
-        ("members", "member seed=2"),
-        ("members", "members' mean"),
-        ("output", "ensemble: mean of probabilities"),
-        ("output", "ensemble: weights + T fitted on val"),
-        ("output", "distilled into one cnn"),
-        ("feature", "3 members' features, one new head"),
-        ("structure", "stitched: seed=0 front, seed=1 back"),
-        ("parameter", "3 fine-tunes of one base: mean"),
-        ("parameter", "model soup of the 3 fine-tunes"),
-    ]
-    by_name = {r.name: r for r in rows}
-    pool = build_pool(DEMO_ARCH, DEMO_DATA, seeds=[0, 1, 2], epochs=3)  # from the cache now
-    test = pool.data.test
-    labels = test.tensors[1].numpy()
+@pytest.mark.slow
+def test_demo_prints_a_row_per_method_at_all_six_levels_and_the_report(demo_run):
+    code, printed, out, threads_after = demo_run
+    assert code == 0, printed
+    assert threads_after == 3  # the demo's one thread is restored afterwards
+    rows = [m.groups() for line in printed.splitlines() if (m := ROW.match(line))]
+    # every method of every suite, each with its accuracy as results.json in that suite's folder holds it
+    expected = []
+    for suite in DEMO_SUITES:
+        records = read_json(out / suite / RESULTS_JSON)
+        assert {r["seed"] for r in records} == {0} and all(r["status"] == "ok" for r in records), records
+        expected += [(r["name"], r["level"], 100 * r["metrics"]["accuracy"]) for r in records]
+    assert len(rows) == len(expected), printed
+    for (_, name, level, acc, _, _), (e_name, e_level, e_acc) in zip(rows, expected):
+        assert (name, level) == (e_name, e_level)
+        assert float(acc) == pytest.approx(e_acc, abs=0.006)
+    assert [r[0] for r in rows if r[0]] == list(DEMO_SUITES)  # a section per suite, in order
+    assert set(LEVELS) <= {r[2] for r in rows}
+    for level in LEVELS:  # a level's accuracy is a real accuracy (chance on digits is 10%, mtl's mean ~33%)
+        assert max(float(r[3]) for r in rows if r[2] == level) > 50.0, level
+    # it ends with the path of the report, which exists and shows every method
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("report: ")
+    report = out.resolve() / "report.html"
+    assert last == f"report: {report}" and report.is_file()
+    page = html.unescape(report.read_text())
+    assert all(name in page for _, name, *_ in expected)
+    assert (out / DEMO_MARKER).is_file()
 
-    def figures_of(model):
-        return np_figures(np_log_softmax(predict(model, test).double().numpy()), labels)
 
-    log_p = [np_log_softmax(predict(m, test).double().numpy()) for m in pool.members]
-    for lp, row in zip(log_p, rows):
-        assert (row.accuracy, row.nll) == pytest.approx(np_figures(lp, labels), rel=1e-9)
-    assert rows[3].accuracy == pytest.approx(np.mean([r.accuracy for r in rows[:3]]))
-    right = np.stack([lp.argmax(1) == labels for lp in log_p])
-    best = max(range(3), key=lambda i: (right[i].mean(), -rows[i].nll))
-    assert result.room.best_name == f"seed={best}"
-    assert result.room.fixable == int((~right[best] & np.delete(right, best, 0).any(0)).sum())
-    probs = np.exp(np.stack(log_p))
-    mean = by_name["ensemble: mean of probabilities"]
-    assert (mean.accuracy, mean.nll) == pytest.approx(np_figures(np.log(probs.mean(0)), labels), rel=1e-9)
-    # the fitted ensemble: the weighted mixture of probabilities, its log divided by T
-    w, t = np.asarray(result.fitted_weights), result.fitted_temperature
-    assert (w >= 0).all() and w.sum() == pytest.approx(1.0) and t > 0
-    fitted = by_name["ensemble: weights + T fitted on val"]
-    mixture = np_log_softmax(np.log(np.einsum("k,knc->nc", w, probs)) / t)
-    assert (fitted.accuracy, fitted.nll) == pytest.approx(np_figures(mixture, labels), rel=1e-6)
-    # every other fused row reports its model's own figures
-    for key, name in (
-        ("student", "distilled into one cnn"),
-        ("features", "3 members' features, one new head"),
-        ("stitched", "stitched: seed=0 front, seed=1 back"),
-        ("soup", "model soup of the 3 fine-tunes"),
+@pytest.mark.slow
+def test_demo_rerun_replaces_its_results_and_reuses_the_pools(demo_run, tmp_path, monkeypatch):
+    _, _, out, _ = demo_run
+    monkeypatch.setenv("MODELFUSE_CACHE", str(out.parent / "cache"))
+    cache_files = sorted(p for p in (out.parent / "cache").rglob("*") if p.is_file())
+    mtimes = {p: p.stat().st_mtime_ns for p in cache_files}
+    before = read_json(out / "seeds" / RESULTS_JSON)
+    result = run_demo(out, progress=False)
+    # the methods ran again (fresh records: the folder was started over), the pools came from the cache
+    after = read_json(out / "seeds" / RESULTS_JSON)
+    assert [r["name"] for r in after] == [r["name"] for r in before]
+    assert [r["fusion_s"] for r in after] != [r["fusion_s"] for r in before]
+    assert sorted(p for p in (out.parent / "cache").rglob("*") if p.is_file()) == cache_files
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert len(result.records) == sum(len(read_json(out / s / RESULTS_JSON)) for s in DEMO_SUITES)
+    assert result.report == out / "report.html"
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(
+        OutputExistsError, match=r"non-empty folder that an earlier demo did not make .*name a new"
     ):
-        row = by_name[name]
-        assert (row.accuracy, row.nll) == pytest.approx(figures_of(result.models[key]), rel=1e-5), name
-    # the fused features read the members themselves, frozen; the stitched model is member 0's
-    # front and member 1's back, unchanged
-    for i, member in enumerate(pool.members):
-        inside = result.models["features"].branches[f"seed{i}"].state_dict()
-        assert all(torch.equal(v, member.state_dict()[k]) for k, v in inside.items())
-    stitched = result.models["stitched"]
-    for part, member in ((stitched.front, pool.members[0]), (stitched.back, pool.members[1])):
-        assert all(torch.equal(v, member.state_dict()[k]) for k, v in part.state_dict().items())
-    # the soup is the plain average of the fine-tunes' weights, in NumPy
-    tuned = [m.state_dict() for m in result.finetune_pool.members]
-    for key, value in result.models["soup"].state_dict().items():
-        expected = np.mean([sd[key].double().numpy() for sd in tuned], axis=0)
-        np.testing.assert_allclose(value.double().numpy(), expected, rtol=1e-5, atol=1e-7, err_msg=key)
-    tuned_figures = [figures_of(m) for m in result.finetune_pool.members]
-    assert by_name["3 fine-tunes of one base: mean"].accuracy == pytest.approx(
-        np.mean([f[0] for f in tuned_figures])
-    )
+        run_demo(theirs, progress=False)
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]  # untouched
+    # through the command: exit 2 and the message, nothing written
+    assert main(["demo", "--out", str(theirs)]) == 2
+    assert "did not make" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
 
 
-def test_a_demo_of_one_member_fuses_to_that_member():
-    result = demo_rows(members=1, epochs=2, seed=7)
-    rows = {r.name: r for r in result.rows}
-    assert result.room is None  # nothing to add to a single model
-    member = rows["member seed=7"]
-    assert "stitched" not in " ".join(rows)  # stitching needs two members
-    ensemble = rows["ensemble: mean of probabilities"]
-    assert (ensemble.accuracy, ensemble.nll) == pytest.approx((member.accuracy, member.nll), rel=1e-12)
-    # one member's weight is 1; a temperature changes the NLL, never the predicted class
-    assert rows["ensemble: weights + T fitted on val"].accuracy == member.accuracy
+def test_demo_refuses_a_file_as_out(tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file, not a folder"):
+        run_demo(path, progress=False)
+    assert path.read_text() == "x"
 
 
-def test_demo_command_from_an_empty_cache(tmp_path):
-    # how long it takes is measured by benchmarks/demo_time.py (benchmarks/RESULTS.md), not here
-    env = {**os.environ, "MODELFUSE_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run(
-        [sys.executable, "-m", "modelfuse", "demo"], capture_output=True, text=True, env=env, timeout=1200
-    )
-    assert out.returncode == 0, out.stderr
-    print(out.stdout)
-    members = re.findall(r"member seed=\d+\s*│\s*([\d.]+)%", out.stdout)
-    assert len(members) == 5, out.stdout
-    ensemble = re.search(r"ensemble: mean of probabilities\s*│\s*([\d.]+)%", out.stdout)
-    assert ensemble is not None, out.stdout
-    assert float(ensemble.group(1)) >= 95.0
-    for level in ("output", "feature", "structure", "parameter"):  # every available fusion level
-        assert re.search(rf"│ {level}\s+│", out.stdout), (level, out.stdout)
-    assert re.search(r"room for fusion: seed=\d is wrong on \d+ of 359 samples", out.stdout), out.stdout
-    soup = re.search(r"model soup of the 5 fine-tunes\s*│\s*([\d.]+)%", out.stdout)
-    assert soup is not None and float(soup.group(1)) >= 95.0, out.stdout
+def test_demo_help_names_only_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and all(s in text for s in DEMO_SUITES)
+    for gone in ("--members", "--epochs", "--seed", "--no-cache"):
+        assert gone not in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--members", "3"])
+    assert exit_.value.code == 2
 
 
-def test_demo_rejects_a_bad_pool_size():
-    out = subprocess.run(
-        [sys.executable, "-m", "modelfuse", "demo", "--members", "0"], capture_output=True, text=True
-    )
-    assert out.returncode == 2
-    assert "--members must be at least 1, got 0" in out.stderr
+def test_demo_runs_each_suite_small_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    import modelfuse.bench.runner as runner
+
+    calls = []
+
+    def fake_run_suite(suite, **kw):
+        calls.append((suite, torch.get_num_threads(), kw))
+        if suite == "tasks":
+            raise RuntimeError("boom")
+        return []
+
+    monkeypatch.setattr(runner, "run_suite", fake_run_suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_demo(tmp_path / "out", progress=False)
+        assert torch.get_num_threads() == 2  # restored although a suite raised
+    finally:
+        torch.set_num_threads(threads)
+    assert [c[0] for c in calls] == ["seeds", "features", "tasks"]
+    for suite, n, kw in calls:
+        assert n == 1
+        assert kw == {
+            "seeds": 1,
+            "out": tmp_path / "out" / suite,
+            "force": True,
+            "small": True,
+            "progress": False,
+        }
