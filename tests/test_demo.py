@@ -162,3 +162,17 @@ def test_demo_runs_each_suite_small_on_one_thread_and_restores_the_count(tmp_pat
             "small": True,
             "progress": False,
         }
+
+
+@pytest.mark.slow
+def test_the_readme_shows_the_demo_table_as_a_run_prints_it(demo_run):
+    """The README's demo table is one run's output: every column but the time must be what this
+    run (fresh cache, fixed seeds, one thread) prints."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The demo", 1)[1].split("\n## ", 1)[0]
+    shown = [m.groups()[:5] for line in section.splitlines() if (m := ROW.match(line))]
+    _, printed, _, _ = demo_run
+    ran = [m.groups()[:5] for line in printed.splitlines() if (m := ROW.match(line))]
+    assert shown and shown == ran
