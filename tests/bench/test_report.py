@@ -550,3 +550,22 @@ def test_report_folder_that_is_a_file(tmp_path):
     with pytest.raises(ConfigError, match="is a file"):
         write_report(make_records(), f)
     assert Path(f).read_text() == "x"
+
+
+def test_methods_notes_are_shown_per_seed_in_both_files():
+    """A method's notes (e.g. "TIES below task arithmetic on this seed") reach both report files."""
+    recs = [
+        _record("tasks", 0, "TIES", "parameter", metrics={"accuracy": 0.8}),
+        _record("tasks", 1, "TIES", "parameter", metrics={"accuracy": 0.7}),
+        _record("tasks", 0, "average", "parameter", metrics={"accuracy": 0.6}),
+    ]
+    recs[0]["notes"] = "TIES >= task arithmetic >= simple average: no (TIES 80.0 < TA 81.0)"
+    recs[1]["notes"] = f"seed note {EVIL}"
+    md = render_markdown(recs)
+    # markdown passes HTML through, so the report escapes it there too
+    assert "- TIES (seed 0): TIES >= task arithmetic >= simple average: no (TIES 80.0 < TA 81.0)" in html.unescape(md)
+    assert "(seed 1): seed note" in md and "<script>" not in md
+    page = render_html(recs)
+    assert "TIES (seed 0): TIES &gt;= task arithmetic &gt;= simple average: no" in page
+    assert "<script>" not in page and page.count('<ul class="notes">') == 1
+    assert "average (seed" not in md  # a method without notes lists none

@@ -101,6 +101,7 @@ class MethodSummary:
     level: str
     seeds_ok: list[int] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)  # (seed, error)
+    notes: list[tuple[int, str]] = field(default_factory=list)  # (seed, what the method said of its run)
     accuracy: Stat | None = None
     nll: Stat | None = None
     tasks: dict[str, Stat] = field(default_factory=dict)  # task -> accuracy
@@ -224,6 +225,7 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> list[SuiteSummary]:
                     for r in recs
                     if r["status"] == "failed"
                 ),
+                notes=sorted((int(r["seed"]), str(r["notes"])) for r in ok if r.get("notes")),
             )
             metrics = [r.get("metrics") or {} for r in ok]
             m.accuracy = Stat.of(_finite(mt.get("accuracy") for mt in metrics))
@@ -357,6 +359,10 @@ def render_markdown(results: Sequence[Mapping[str, Any]]) -> str:
         if failures:
             lines += ["", "Failed:", ""]
             lines += [f"- {_md_escape(m.name)} (seed {seed}): {_md_escape(err)}" for m, seed, err in failures]
+        notes = [(m, seed, note) for m in suite.methods for seed, note in m.notes]
+        if notes:
+            lines += ["", "Notes (what each method said of its run):", ""]
+            lines += [f"- {_md_escape(m.name)} (seed {seed}): {_md_escape(note)}" for m, seed, note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -579,6 +585,15 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "modelfuse
             out += [
                 f'<li data-method="{e(m.name)}">{e(m.name)} (seed {seed}): <code>{e(err)}</code></li>'
                 for m, seed, err in failures
+            ]
+            out.append("</ul>")
+        notes = [(m, seed, note) for m in suite.methods for seed, note in m.notes]
+        if notes:
+            out.append("<h3>Notes</h3>")
+            out.append('<ul class="notes">')
+            out += [
+                f'<li data-method="{e(m.name)}">{e(m.name)} (seed {seed}): {e(note)}</li>'
+                for m, seed, note in notes
             ]
             out.append("</ul>")
         for key, uri in _plots(suite).items():
