@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from modelfuse.bench.suites.tasks import FAMILIES, LABEL_TASKS, TRANSFORMS, _concat, _label_task, _mapped
 from modelfuse.data import Splits, load
 from modelfuse.merge import (
     fisher_information,
@@ -75,13 +76,6 @@ from modelfuse.merge.adamerging import adamerging
 from modelfuse.merge.soups import greedy_soup
 from modelfuse.zoo import create_model, evaluate, train
 
-LABEL_TASKS = {"0-3": [0, 1, 2, 3], "4-6": [4, 5, 6], "7-9": [7, 8, 9]}
-TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "original": lambda x: x,
-    "rotated 90": lambda x: torch.rot90(x, 1, dims=(-2, -1)).contiguous(),
-    "inverted": lambda x: 1.0 - x,
-}
-FAMILIES = ("labels", "transforms")
 ROWS = (
     "pretrained",
     "individual",
@@ -121,21 +115,6 @@ class Family:
     joint: Splits
 
 
-def _concat(parts: Sequence[TensorDataset]) -> TensorDataset:
-    return TensorDataset(*(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))))
-
-
-def _mapped(splits: Splits, fn: Callable[[torch.Tensor], torch.Tensor], name: str) -> Splits:
-    def one(ds: TensorDataset) -> TensorDataset:
-        x, y = ds.tensors
-        return TensorDataset(fn(x), y)
-
-    spec = {**splits.spec, "transform": name}
-    return dataclasses.replace(
-        splits, train=one(splits.train), val=one(splits.val), test=one(splits.test), spec=spec
-    )
-
-
 def _union(splits: Splits, tasks: Sequence[Splits]) -> Splits:
     return dataclasses.replace(
         splits,
@@ -145,17 +124,11 @@ def _union(splits: Splits, tasks: Sequence[Splits]) -> Splits:
     )
 
 
-def _restrict_test(task: Splits, labels: Sequence[int]) -> Splits:
-    x, y = task.test.tensors
-    mask = torch.isin(y, torch.tensor(labels))
-    return dataclasses.replace(task, test=TensorDataset(x[mask], y[mask]))
-
-
 def family(name: str, *, transforms_base: str = "original") -> Family:
     """The three tasks of ``name`` (``labels`` or ``transforms``) on digits."""
     digits = load("digits")
     if name == "labels":
-        tasks = [_restrict_test(digits.subset(labels=lab), lab) for lab in LABEL_TASKS.values()]
+        tasks = [_label_task(digits, lab) for lab in LABEL_TASKS.values()]
         return Family(list(LABEL_TASKS), tasks, pretrain=digits, joint=digits)
     if name == "transforms":
         tasks = [_mapped(digits, fn, t) for t, fn in TRANSFORMS.items()]
@@ -195,6 +168,37 @@ def _pick_lambda(base: nn.Module, build: Callable[[float], dict], vals: Sequence
     return LAMBDAS[max(range(len(LAMBDAS)), key=lambda i: scores[i])]
 
 
+def pool(
+    name: str,
+    seed: int,
+    *,
+    transforms_base: str = "original",
+    finetune_lr: float = 1e-3,
+    pretrain_epochs: int = PRETRAIN_EPOCHS,
+    head: str = "linear",
+    logit_scale: float = LOGIT_SCALE,
+) -> tuple[Family, nn.Module, list[nn.Module]]:
+    """One family's pool for one seed: the family, the pretrained base, its fine-tune per task."""
+    fam = family(name, transforms_base=transforms_base)
+    base = _model(seed, head, logit_scale)
+    train(base, fam.pretrain, epochs=pretrain_epochs, seed=seed, batch_size=BATCH, progress=False)
+    base.eval()
+    members = []
+    for i, task in enumerate(fam.tasks):
+        m = copy.deepcopy(base)
+        train(
+            m,
+            task,
+            epochs=FINETUNE_EPOCHS[name],
+            seed=seed + 1 + i,
+            batch_size=BATCH,
+            lr=finetune_lr,
+            progress=False,
+        )
+        members.append(m.eval())
+    return fam, base, members
+
+
 def run(
     name: str,
     seed: int,
@@ -214,23 +218,15 @@ def run(
     ``ada_init="val"`` starts AdaMerging at the validation-chosen task-arithmetic lambda;
     ``ada_inputs="test"`` adapts it on the tasks' unlabelled test inputs (``allow_test=True``).
     """
-    fam = family(name, transforms_base=transforms_base)
-    base = _model(seed, head, logit_scale)
-    train(base, fam.pretrain, epochs=pretrain_epochs, seed=seed, batch_size=BATCH, progress=False)
-    base.eval()
-    members = []
-    for i, task in enumerate(fam.tasks):
-        m = copy.deepcopy(base)
-        train(
-            m,
-            task,
-            epochs=FINETUNE_EPOCHS[name],
-            seed=seed + 1 + i,
-            batch_size=BATCH,
-            lr=finetune_lr,
-            progress=False,
-        )
-        members.append(m.eval())
+    fam, base, members = pool(
+        name,
+        seed,
+        transforms_base=transforms_base,
+        finetune_lr=finetune_lr,
+        pretrain_epochs=pretrain_epochs,
+        head=head,
+        logit_scale=logit_scale,
+    )
     joint = copy.deepcopy(base)
     train(joint, fam.joint, epochs=FINETUNE_EPOCHS[name], seed=seed + 10, batch_size=BATCH, progress=False)
     tests = [t.test for t in fam.tasks]

@@ -45,8 +45,13 @@ the digits transformations of ``benchmarks/multitask_merge.py`` the logits' spre
 5.5x while test accuracy falls (benchmarks/RESULTS.md). Normalising the logits does not cure
 the first limit: with the zoo MLP's cosine head (fixed scale 20) the spread grows only 1.6x,
 but AdaMerging then lowers the entropy by raising one task's vector and lowering the others',
-and still falls below task arithmetic on one seed of three there. Check the result against
-task arithmetic on labelled held-out data.
+and still falls below task arithmetic on one seed of three there. The root of both: on those
+pools the entropy does not rank merges by accuracy at all. Over the grid of task-wise
+coefficients {0, 0.1, ..., 1}^3, the Spearman correlation between the entropy objective and the
+mean accuracy lies between -0.52 and 0.84 (it must be clearly negative for the method to work),
+and the least-entropy merge keeps one or two fine-tunes at 1.0 and drops the rest
+(``benchmarks/adamerging_landscape.py``, which measures this for any pool of that benchmark).
+Check the result against task arithmetic on labelled held-out data.
 """
 
 from __future__ import annotations
